@@ -1,0 +1,47 @@
+# `make test` goes from a fresh Debian 12 machine (root) to a green suite: it builds the
+# virtualenv and the test world (Docker engine, compose plugin, stand-in images, sshd
+# hosts) and runs unit and end-to-end tests against real hosts.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TESTBED_DIR ?= /var/tmp/deploy-testbed
+export TESTBED_DIR
+
+.PHONY: all test unit e2e venv testbed testbed-down testbed-status demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+testbed:
+	$(PYTHON) tests/testbed/testbed.py up > /dev/null
+
+testbed-down:
+	$(PYTHON) tests/testbed/testbed.py down
+
+testbed-status:
+	$(PYTHON) tests/testbed/testbed.py status
+
+test: venv testbed
+	$(PY) -m pytest
+
+unit: venv
+	$(PY) -m pytest tests/unit
+
+e2e: venv testbed
+	$(PY) -m pytest tests/e2e
+
+# The dev stack on the world's dev host, through the tool, with the inventory the
+# testbed writes ($(TESTBED_DIR)/hosts.yaml).
+demo: venv testbed
+	DEPLOY_HOSTS=$(TESTBED_DIR)/hosts.yaml $(PY) deployment/deploy.py dev up -d --build
+	DEPLOY_HOSTS=$(TESTBED_DIR)/hosts.yaml $(PY) deployment/deploy.py dev status
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

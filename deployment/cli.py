@@ -1,0 +1,242 @@
+"""Command line: `deploy [--hosts PATH] [--dry-run] [-v] ENV COMMAND [ARGS]`.
+
+Parses, loads the inventory, and hands over to operations. `main(argv) -> int` maps
+every failure to an exit code in one place (errors.ExitStatus).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import IO, Callable
+
+from . import __version__
+from . import inventory as inv
+from . import operations as ops
+from .errors import DeployError, ExitStatus, UsageError
+from .session import sessions
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[..., int | None]
+
+
+def _services(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("services", nargs="*", metavar="SERVICE", help=f"{what} (default: all)")
+
+
+def _up_args(p):
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background and return once every service is healthy")
+    p.add_argument("--build", action="store_true", help="rebuild images before starting")
+    _services(p, "services to start")
+
+
+def _down_args(p):
+    p.add_argument("--volumes", action="store_true",
+                   help="also remove named volumes (DATA); confirmation needed on protected environments")
+    p.add_argument("--yes", "-y", action="store_true", help="confirm without a prompt")
+
+
+def _logs_args(p):
+    p.add_argument("-f", "--follow", action="store_true", help="stream new lines until Ctrl+C")
+    p.add_argument("--tail", type=_non_negative_int, metavar="N", help="only the last N lines per service")
+    _services(p, "services whose logs to show")
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}")
+    return int(text)
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in [
+    Command("up", "start the services (foreground until Ctrl+C; -d: detached, waits until healthy)",
+            _up_args, lambda a, hs, io: ops.up(hs, a.services, detach=a.detach, build=a.build)),
+    Command("down", "stop and remove the services and networks (--volumes: the data too)",
+            _down_args, lambda a, hs, io: ops.down(hs, volumes=a.volumes, yes=a.yes, stdin=io.stdin, out=io.stderr)),
+    Command("build", "build the images of all or the named services",
+            lambda p: _services(p, "services to build"), lambda a, hs, io: ops.build(hs, a.services)),
+    Command("logs", "show the services' logs (-f to follow)",
+            _logs_args, lambda a, hs, io: ops.logs(hs, a.services, follow=a.follow, tail=a.tail)),
+    Command("status", "each service's state, health and published ports, per host",
+            lambda p: p.add_argument("--json", action="store_true", help="one JSON document"),
+            lambda a, hs, io: ops.status(hs, as_json=a.json, out=io.stdout)),
+    Command("check", "connect to every host: host key, docker and compose versions, free disk",
+            lambda p: None, lambda a, hs, io: ops.check(hs, out=io.stdout)),
+]}
+
+
+@dataclass
+class IO3:
+    stdin: IO[str]
+    stdout: IO[str]
+    stderr: IO[str]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so main() owns the exit code."""
+
+    def error(self, message: str):
+        raise UsageError(message, hint=self.format_usage().strip())
+
+
+def _global_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    d = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--hosts", metavar="PATH", help="inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)", **d)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the remote commands and transfers per host; connect to nothing", **d)
+    # -v is verbose everywhere, also after `down` (where compose means --volumes): a
+    # mistyped -v then keeps the data instead of deleting it.
+    p.add_argument("-v", "--verbose", action="store_true", help="show remote commands and tracebacks", **d)
+
+
+def _top_parser() -> _Parser:
+    p = _Parser(prog="deploy", add_help=False, allow_abbrev=False,
+                usage="deploy [--hosts PATH] [--dry-run] [-v] ENV COMMAND [ARGS]")
+    _global_options(p)
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--version", action="store_true")
+    return p
+
+
+def _command_parser(cmd: Command) -> _Parser:
+    p = _Parser(prog=f"deploy ENV {cmd.name}", description=cmd.summary, allow_abbrev=False)
+    cmd.configure(p)
+    _global_options(p, suppress=True)
+    return p
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Global options, the (at most two) positionals ENV and COMMAND, and the command's args."""
+    pre, pos, i = [], [], 0
+    while i < len(argv) and len(pos) < 2:
+        tok = argv[i]
+        if tok == "--hosts" and i + 1 < len(argv):
+            pre += argv[i:i + 2]
+            i += 2
+            continue
+        (pre if tok.startswith("-") and tok != "-" else pos).append(tok)
+        i += 1
+    return pre, pos, argv[i:]
+
+
+def help_text(path) -> str:
+    lines = [_top_parser().format_usage().strip(), "",
+             "Deploy the environment's docker compose stack to its hosts over SSH.", "", "commands:"]
+    width = 8
+    lines += [f"  {c.name:<{width}}  {c.summary}" for c in COMMANDS.values()]
+    try:
+        envs = inv.load(path).environments
+        lines += ["", f"environments (from {path}):"]
+        for e in envs.values():
+            flag = "  [protected]" if e.protected else ""
+            lines.append(f"  {e.name:<{width}}  {', '.join(h.name for h in e.hosts)}{flag}")
+    except DeployError as exc:
+        lines += ["", f"environments: cannot read the inventory: {exc}"]
+    lines += ["", "options:",
+              "  --hosts PATH  inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)",
+              "  --dry-run     print the remote commands and transfers per host; connect to nothing",
+              "  -v, --verbose show remote commands, and tracebacks on errors",
+              "", "exit codes: 0 ok; 1 a remote command failed; 2 usage or inventory error;",
+              "            3 connection, authentication or host-key failure; 130 interrupted",
+              "", "`deploy ENV COMMAND --help` describes a command."]
+    return "\n".join(lines) + "\n"
+
+
+def _dispatch(argv: list[str], io: IO3, state: dict) -> int:
+    pre, pos, rest = _split(argv)
+    top = _top_parser().parse_args(pre)
+    state["verbose"] = top.verbose
+    if top.version:
+        io.stdout.write(f"deploy {__version__}\n")
+        return 0
+    path = inv.resolve_path(top.hosts)
+    if not pos or (top.help and len(pos) < 2):
+        io.stdout.write(help_text(path))
+        return 0
+    if len(pos) == 1:
+        word = pos[0]
+        if word in COMMANDS:
+            raise UsageError(f"'{word}' needs an environment before it", hint=f"usage: deploy ENV {word}")
+        names = _env_names(path)
+        if word in names:
+            raise UsageError(f"missing command for environment '{word}' (commands: {', '.join(COMMANDS)})",
+                             hint=f"usage: deploy {word} COMMAND")
+        raise UsageError(f"'{word}' is not a recognized command or environment "
+                         f"(commands: {', '.join(COMMANDS)}; environments: {', '.join(names) or '?'})",
+                         hint="usage: deploy ENV COMMAND [ARGS]; run `deploy` alone for help")
+    env_name, cmd_name = pos
+    if cmd_name not in COMMANDS:
+        if env_name in COMMANDS and cmd_name in _env_names(path):
+            raise UsageError(f"the environment comes first", hint=f"deploy {cmd_name} {env_name}")
+        raise UsageError(f"unknown command '{cmd_name}' for environment '{env_name}' "
+                         f"(commands: {', '.join(COMMANDS)})", hint="usage: deploy ENV COMMAND [ARGS]")
+    cmd = COMMANDS[cmd_name]
+    parser = _command_parser(cmd)
+    if top.help:
+        rest = ["--help", *rest]
+    if "-h" in rest[:1] or "--help" in rest[:1]:
+        io.stdout.write(parser.format_help())
+        return 0
+    args = parser.parse_args(rest)
+    for opt in ("hosts", "dry_run", "verbose"):
+        if not hasattr(args, opt):
+            setattr(args, opt, getattr(top, opt))
+    state["verbose"] = args.verbose
+    if args.hosts != top.hosts:
+        path = inv.resolve_path(args.hosts)
+    env = inv.load(path).environment(env_name)
+    hosts = sessions(env, dry_run=args.dry_run, verbose=args.verbose, out=io.stdout, err=io.stderr)
+    status = cmd.run(args, hosts, io)
+    return int(status or 0)
+
+
+def _env_names(path) -> list[str]:
+    try:
+        return list(inv.load(path).environments)
+    except DeployError:
+        return []
+
+
+def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None, stdout: IO[str] | None = None,
+         stderr: IO[str] | None = None) -> int:
+    io = IO3(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    state = {"verbose": "-v" in argv or "--verbose" in argv}
+    try:
+        return _dispatch(argv, io, state)
+    except DeployError as exc:
+        if state["verbose"]:
+            traceback.print_exc(file=io.stderr)
+        io.stderr.write(f"deploy: error: {exc}\n")
+        if exc.hint:
+            io.stderr.write(f"hint: {exc.hint}\n")
+        return int(exc.status)
+    except BrokenPipeError:
+        # `deploy ... | head`: the reader left; nothing more to say to it.
+        sys.stdout = None
+        return int(ExitStatus.OK)
+    except KeyboardInterrupt:
+        io.stderr.write("deploy: interrupted\n")
+        return int(ExitStatus.INTERRUPTED)
+    except Exception as exc:  # a bug: say so in one line, the traceback with -v
+        if state["verbose"]:
+            traceback.print_exc(file=io.stderr)
+        io.stderr.write(f"deploy: internal error: {type(exc).__name__}: {exc}\n"
+                        "hint: run again with -v for the traceback, and report it\n")
+        return int(ExitStatus.REMOTE_FAILED)
+    finally:
+        try:
+            io.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
+def main_exit() -> None:
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Pure functions that build the remote commands as argv lists.
+
+Nothing here touches the network: the runner joins an argv with shlex.join and runs it,
+and --dry-run prints the same joined string. User input (service names, counts) is
+validated here against an allowlist and placed after `--`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_services(requested: list[str], known: list[str], compose_file: str) -> list[str]:
+    """Refuse anything that is not exactly a service of the compose file."""
+    for name in requested:
+        if not SERVICE_RE.match(name) or name not in known:
+            raise UsageError(f"unknown service '{name}' (services in {compose_file}: {', '.join(known)})")
+    return list(dict.fromkeys(requested))
+
+
+@dataclass(frozen=True)
+class Compose:
+    """`docker compose` for one environment on one host."""
+
+    project: str
+    compose_file: str | None = None     # absolute path on the host; None: by project label only
+    env_file: str | None = None
+
+    def base(self) -> list[str]:
+        argv = ["docker", "compose", "--ansi", "never", "-p", self.project]
+        if self.compose_file:
+            argv += ["-f", self.compose_file]
+        if self.env_file:
+            argv += ["--env-file", self.env_file]
+        return argv
+
+    def up(self, services: list[str] = (), detach: bool = False, build: bool = False,
+           wait_timeout: int | None = None) -> list[str]:
+        argv = self.base() + ["up", "--remove-orphans"]
+        if detach:
+            argv += ["--detach", "--wait"]
+            if wait_timeout:
+                argv += ["--wait-timeout", str(int(wait_timeout))]
+        if build:
+            argv.append("--build")
+        return argv + ["--", *services]
+
+    def down(self, volumes: bool = False) -> list[str]:
+        return self.base() + ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
+
+    def build(self, services: list[str] = ()) -> list[str]:
+        return self.base() + ["build", "--", *services]
+
+    def logs(self, services: list[str] = (), follow: bool = False, tail: int | None = None,
+             timestamps: bool = False) -> list[str]:
+        argv = self.base() + ["logs", "--no-color"]
+        if follow:
+            argv.append("--follow")
+        if tail is not None:
+            argv += ["--tail", str(int(tail))]
+        if timestamps:
+            argv.append("--timestamps")
+        return argv + ["--", *services]
+
+    def ps(self, all_: bool = True) -> list[str]:
+        return self.base() + ["ps", "--format", "json"] + (["--all"] if all_ else [])
+
+    def exec(self, service: str, argv: list[str], workdir: str | None = None) -> list[str]:
+        out = self.base() + ["exec", "-T"]
+        if workdir:
+            out += ["--workdir", workdir]
+        return out + [service, *argv]
+
+    def run(self, service: str, argv: list[str], no_deps: bool = True) -> list[str]:
+        out = self.base() + ["run", "--rm", "-T"] + (["--no-deps"] if no_deps else [])
+        return out + [service, *argv]

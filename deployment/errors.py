@@ -1,0 +1,55 @@
+"""The tool's exception tree and the one place where exceptions become exit codes.
+
+Every failure a user can cause or meet is one of these; anything else is a bug and is
+shown with its traceback.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    REMOTE_FAILED = 1       # a command on a host failed (compose, migrate, a test, a dump)
+    USAGE = 2               # bad arguments, inventory or compose file; refused confirmations
+    CONNECTION = 3          # connect, authentication or host-key failure
+    TEMPFAIL = 75           # EX_TEMPFAIL: another run holds the lock; try again later
+    INTERRUPTED = 130       # Ctrl+C
+
+
+class DeployError(Exception):
+    """Base class: `str(exc)` is the one line shown to the user, `hint` the next step."""
+
+    status = ExitStatus.REMOTE_FAILED
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class UsageError(DeployError):
+    status = ExitStatus.USAGE
+
+
+class InventoryError(UsageError):
+    """hosts.yaml is missing, malformed or names something that does not exist."""
+
+
+class ConnectError(DeployError):
+    """The host could not be reached, or refused us."""
+
+    status = ExitStatus.CONNECTION
+
+
+class HostKeyError(ConnectError):
+    """The host's key is unknown or differs from the one in known_hosts."""
+
+
+class RemoteError(DeployError):
+    """A command on the host ran and failed."""
+
+    status = ExitStatus.REMOTE_FAILED
+
+
+class LockedError(DeployError):
+    status = ExitStatus.TEMPFAIL

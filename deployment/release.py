@@ -1,0 +1,230 @@
+"""A release: exactly the files an environment's compose file needs on the host.
+
+It holds the compose file, a generated `.env` (the environment's `variables`, mode 0600)
+and what the compose file references by relative path: build contexts, env_files and
+bind-mount sources. Paths keep their layout relative to a common root, so
+`build: ../../app` still points at the app on the host.
+
+The release id is a hash of that content. On the host a release lives in
+`<env_dir>/releases/<id>`, staged under a temporary name and renamed into place, and
+`<env_dir>/current` is a symlink switched atomically (rename over the old one). A host
+that already holds the id gets nothing uploaded.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from .errors import UsageError
+from .inventory import Environment
+
+ALWAYS_IGNORED = {".git", "__pycache__", ".venv", ".mypy_cache", ".pytest_cache", ".DS_Store"}
+KEEP_RELEASES = 5
+ENV_FILE_NAME = ".env"
+
+
+@dataclass(frozen=True)
+class Release:
+    id: str
+    root: Path                          # local common root
+    compose_path: PurePosixPath         # compose file, relative to the release root
+    files: tuple[tuple[PurePosixPath, Path], ...]   # (path in release, local path)
+    env_text: str                       # content of the generated .env
+
+    @property
+    def env_path(self) -> PurePosixPath:
+        return self.compose_path.parent / ENV_FILE_NAME
+
+    def tarball(self) -> bytes:
+        """The release as a gzip'd tar, built in memory (mtime fixed: same content, same bytes)."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+            for rel, local in self.files:
+                info = tar.gettarinfo(str(local), arcname=str(rel))
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mtime = 0
+                if info.isfile():
+                    with open(local, "rb") as fh:
+                        tar.addfile(info, fh)
+                else:
+                    tar.addfile(info)
+            data = self.env_text.encode()
+            info = tarfile.TarInfo(str(self.env_path))
+            info.size, info.mode, info.mtime = len(data), 0o600, 0
+            tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+
+def dotenv(variables: dict[str, str]) -> str:
+    """A compose .env; single quotes keep values literal (no $ interpolation)."""
+    lines = []
+    for key, value in variables.items():
+        if "'" in value:
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$")
+            lines.append(f'{key}="{escaped}"')
+        else:
+            lines.append(f"{key}='{value}'")
+    return "".join(line + "\n" for line in lines)
+
+
+def load_compose(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the compose file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UsageError(f"{path}: the compose file is not valid YAML{where}: "
+                         f"{getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("services"), dict) or not data["services"]:
+        raise UsageError(f"{path}: the compose file defines no services")
+    return data
+
+
+def services(path: Path) -> list[str]:
+    return list(load_compose(path)["services"])
+
+
+def _referenced_paths(compose: dict, base: Path) -> list[Path]:
+    """Local paths the compose file points at: build contexts, env_files, bind mounts."""
+    refs: list[str] = []
+    for svc in compose["services"].values():
+        if not isinstance(svc, dict):
+            continue
+        build = svc.get("build")
+        if isinstance(build, str):
+            refs.append(build)
+        elif isinstance(build, dict):
+            refs.append(build.get("context", "."))
+        env_files = svc.get("env_file") or []
+        for item in env_files if isinstance(env_files, list) else [env_files]:
+            refs.append(item["path"] if isinstance(item, dict) else item)
+        for vol in svc.get("volumes") or []:
+            src = None
+            if isinstance(vol, str) and vol.startswith((".", "/")):
+                src = vol.split(":", 1)[0]
+            elif isinstance(vol, dict) and vol.get("type") == "bind":
+                src = vol.get("source")
+            if src and src.startswith("."):
+                refs.append(src)
+    out = []
+    for ref in refs:
+        if not isinstance(ref, str) or "://" in ref:
+            continue        # a git or URL build context: nothing local to ship
+        if "$" in ref:
+            raise UsageError(f"build context or path '{ref}' uses a variable; the tool ships "
+                             "local paths as written, so use a literal relative path")
+        out.append((base / ref).resolve())
+    return out
+
+
+def _dockerignore(context: Path) -> list[str]:
+    f = context / ".dockerignore"
+    if not f.is_file():
+        return []
+    pats = []
+    for line in f.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")):
+            pats.append(line.strip("/"))
+    return pats
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    parts = rel.split("/")
+    if any(p in ALWAYS_IGNORED for p in parts):
+        return True
+    for pat in patterns:
+        anywhere = pat.startswith("**/")
+        core = pat[3:] if anywhere else pat
+        starts = range(len(parts)) if anywhere else range(1)
+        if any(fnmatch.fnmatchcase("/".join(parts[i:j]), core)
+               for i in starts for j in range(i + 1, len(parts) + 1)):
+            return True
+    return False
+
+
+def _walk(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UsageError(f"{path}: referenced by the compose file but does not exist")
+    patterns = _dockerignore(path)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        d = Path(dirpath)
+        rel_dir = d.relative_to(path).as_posix()
+        dirnames[:] = sorted(n for n in dirnames
+                             if not _ignored(n if rel_dir == "." else f"{rel_dir}/{n}", patterns))
+        for name in sorted(filenames):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if not _ignored(rel, patterns):
+                out.append(d / name)
+    return out
+
+
+def build(env: Environment, variables: dict[str, str] | None = None) -> Release:
+    compose_file = env.compose_file.resolve()
+    compose = load_compose(compose_file)
+    refs = _referenced_paths(compose, compose_file.parent)
+    root = Path(os.path.commonpath([compose_file.parent, *refs]))
+    local_files = {compose_file}
+    for ref in refs:
+        local_files.update(_walk(ref))
+    files = tuple(sorted((PurePosixPath(p.relative_to(root).as_posix()), p) for p in local_files))
+    env_text = dotenv(variables if variables is not None else env.resolved_variables())
+    digest = hashlib.sha256()
+    for rel, local in files:
+        digest.update(f"{rel}\0{os.stat(local).st_mode & 0o111:o}\0".encode())
+        digest.update(hashlib.sha256(local.read_bytes()).digest())
+    digest.update(b"\0.env\0" + env_text.encode())
+    return Release(id=digest.hexdigest()[:16], root=root,
+                   compose_path=PurePosixPath(compose_file.relative_to(root).as_posix()),
+                   files=files, env_text=env_text)
+
+
+# --- remote side: argv builders ---------------------------------------------------------
+# The scripts are constants; every value reaches them as a positional parameter, never
+# spliced into the script text.
+
+_EXPAND = 'case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
+
+PREPARE_SCRIPT = _EXPAND + (
+    'set -e; mkdir -p "$d/releases" "$d/.incoming"; cd "$d"; '
+    'if [ -f "releases/$2/.release-complete" ]; then '
+    '  ln -sfn "releases/$2" current.new && mv -T current.new current; echo "present $PWD"; '
+    'else echo "missing $PWD"; fi'
+)
+
+INSTALL_SCRIPT = _EXPAND + (
+    'set -e; cd "$d"; id=$2; tmp="releases/.$id.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"; '
+    'tar -xzf ".incoming/$id.tar.gz" -C "$tmp"; chmod 600 "$tmp/$3"; touch "$tmp/.release-complete"; '
+    'rm -rf "releases/$id"; mv "$tmp" "releases/$id"; rm -f ".incoming/$id.tar.gz"; '
+    'ln -sfn "releases/$id" current.new && mv -T current.new current; '
+    # keep the newest releases and never the current one
+    'ls -1t releases | grep -v "^\\." | tail -n +$(( $4 + 1 )) | while read -r old; do '
+    '  [ "$old" = "$id" ] || rm -rf "releases/$old"; done'
+)
+
+
+def prepare_argv(env_dir: str, release_id: str) -> list[str]:
+    """Switch to the release if the host holds it; print 'present|missing <abs env dir>'."""
+    return ["sh", "-c", PREPARE_SCRIPT, "deploy-prepare", env_dir, release_id]
+
+
+def install_argv(env_dir: str, release: Release, keep: int = KEEP_RELEASES) -> list[str]:
+    return ["sh", "-c", INSTALL_SCRIPT, "deploy-install", env_dir, release.id,
+            str(release.env_path), str(keep)]
+
+
+def upload_path(abs_env_dir: str, release_id: str) -> str:
+    return f"{abs_env_dir}/.incoming/{release_id}.tar.gz"

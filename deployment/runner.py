@@ -1,0 +1,115 @@
+"""Runs argv lists on a host over one SSH connection, streaming output line by line.
+
+The one place where a command is turned into a string (shlex.join) and executed.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import threading
+from dataclasses import dataclass
+from typing import IO
+
+import fabric
+from invoke.exceptions import CommandTimedOut
+
+from .errors import ConnectError, RemoteError
+
+
+@dataclass
+class Result:
+    exited: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+
+class LineWriter:
+    """A file-like sink that writes whole lines, each prefixed (e.g. with the host name).
+
+    Several hosts stream at once; one lock per output keeps their lines whole.
+    """
+
+    _locks: dict[int, threading.Lock] = {}
+
+    def __init__(self, stream: IO[str], prefix: str = ""):
+        self.stream = stream
+        self.prefix = prefix
+        self.buf = ""
+        self.lock = self._locks.setdefault(id(stream), threading.Lock())
+
+    def write(self, data: str) -> int:
+        self.buf += data
+        if "\n" in self.buf:
+            *lines, self.buf = self.buf.split("\n")
+            with self.lock:
+                self.stream.write("".join(f"{self.prefix}{line.rstrip(chr(13))}\n" for line in lines))
+                self.stream.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buf:
+            with self.lock:
+                self.stream.write(f"{self.prefix}{self.buf}\n")
+                self.stream.flush()
+            self.buf = ""
+
+
+class HostRunner:
+    """Runs commands on one host through an open Connection."""
+
+    def __init__(self, name: str, conn: fabric.Connection, command_timeout: float | None = None,
+                 prefix: str = "", stdout: IO[str] | None = None, stderr: IO[str] | None = None,
+                 verbose: bool = False):
+        self.name = name
+        self.verbose = verbose
+        self.conn = conn
+        self.command_timeout = command_timeout
+        self.prefix = prefix
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+
+    def run(self, argv: list[str], *, echo: bool = True, check: bool = True, pty: bool = False,
+            timeout: float | None = None, what: str | None = None, cwd: str | None = None) -> Result:
+        """Run argv; stream its output when echo, always capture it. Raise RemoteError if check and it fails."""
+        command = shlex.join(argv)
+        if cwd:
+            command = f"cd {shlex.quote(cwd)} && {command}"
+        if self.verbose:
+            LineWriter(self.stderr, self.prefix).write(f"$ {command}\n")
+        out = LineWriter(self.stdout, self.prefix) if echo else None
+        err = LineWriter(self.stderr, self.prefix) if echo else None
+        try:
+            res = self.conn.run(command, warn=True, hide=True, pty=pty, in_stream=False,
+                                out_stream=out, err_stream=err,
+                                timeout=timeout or self.command_timeout)
+        except CommandTimedOut as exc:
+            raise RemoteError(f"{self.name}: {what or argv[0]} did not finish within {exc.timeout:g} s "
+                              "(command timeout)", hint="raise command_timeout in hosts.yaml if it is expected") from None
+        except (OSError, EOFError) as exc:
+            raise ConnectError(f"{self.name}: connection lost: {exc}") from None
+        finally:
+            for w in (out, err):
+                if w:
+                    w.flush()
+        result = Result(res.exited, res.stdout, res.stderr)
+        if check and not result.ok:
+            detail = _last_line(result.stderr) or _last_line(result.stdout)
+            raise RemoteError(f"{self.name}: {what or shlex.join(argv[:3])} failed (exit {result.exited})"
+                              + (f": {detail}" if detail else ""))
+        return result
+
+    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o600) -> None:
+        sftp = self.conn.sftp()
+        with sftp.open(remote_path, "wb") as fh:
+            fh.set_pipelined(True)
+            fh.chmod(mode)
+            fh.write(data)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -1,0 +1,167 @@
+"""One invocation's hosts: one connection per host, opened lazily, reused for every step,
+and the fan-out that runs a step on several hosts in parallel with prefixed output."""
+from __future__ import annotations
+
+import shlex
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Callable
+
+from . import release as rel
+from . import ssh
+from .commands import Compose
+from .errors import DeployError, ExitStatus
+from .inventory import Environment, Host
+from .runner import HostRunner, LineWriter, Result
+from .sync import Deployed, sync
+
+
+class DryRunner:
+    """Stands in for HostRunner under --dry-run: prints what would run, runs nothing."""
+
+    def __init__(self, name: str, out: IO[str], prefix: str = ""):
+        self.name = name
+        self.out = out
+        self.prefix = prefix
+
+    def run(self, argv: list[str], *, cwd: str | None = None, **_) -> Result:
+        command = shlex.join(argv)
+        if cwd:
+            command = f"cd {shlex.quote(cwd)} && {command}"
+        self.out.write(f"{self.prefix}$ {command}\n")
+        return Result(0, "", "")
+
+    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o600) -> None:
+        self.out.write(f"{self.prefix}put {len(data)} bytes -> {remote_path} (mode {mode:o})\n")
+
+
+@dataclass
+class HostSession:
+    """A host of the environment within this invocation."""
+
+    env: Environment
+    host: Host
+    dry_run: bool = False
+    verbose: bool = False
+    prefix: str = ""
+    out: IO[str] = field(default_factory=lambda: sys.stdout)
+    err: IO[str] = field(default_factory=lambda: sys.stderr)
+    _runner: HostRunner | DryRunner | None = None
+    _conn: object = None
+
+    @property
+    def name(self) -> str:
+        return self.host.label
+
+    @property
+    def runner(self) -> HostRunner | DryRunner:
+        if self._runner is None:
+            if self.dry_run:
+                self._runner = DryRunner(self.name, self.out, self.prefix)
+            else:
+                self._conn = ssh.open_connection(self.host, ssh.SSHPolicy.for_environment(self.env))
+                self._runner = HostRunner(self.name, self._conn, self.env.command_timeout,
+                                          prefix=self.prefix, stdout=self.out, stderr=self.err,
+                                          verbose=self.verbose)
+        return self._runner
+
+    def connect(self) -> None:
+        self.runner  # noqa: B018 - opening is the point
+
+    def say(self, msg: str) -> None:
+        LineWriter(self.out, self.prefix).write(msg + "\n")
+
+    def sync(self, release: rel.Release) -> Deployed:
+        if self.dry_run:
+            self.say(f"sync release {release.id} ({len(release.files) + 1} files) to "
+                     f"{self.env.env_dir}/releases/{release.id} unless the host has it; "
+                     f"switch {self.env.env_dir}/current to it")
+            base = f"{self.env.env_dir}/current"
+            return Deployed(self.env.env_dir, release.id, f"{base}/{release.compose_path}",
+                            f"{base}/{release.env_path}", uploaded=False)
+        deployed = sync(self.runner, self.env, release)
+        if deployed.uploaded:
+            self.say(f"release {release.id} uploaded ({len(release.files) + 1} files)")
+        elif self.verbose:
+            self.say(f"release {release.id} already on the host; nothing uploaded")
+        return deployed
+
+    def compose(self, deployed: Deployed | None = None) -> Compose:
+        """Compose for this environment; without a deployed release it works by project label."""
+        if deployed is None:
+            return Compose(self.env.compose_project)
+        return Compose(self.env.compose_project, deployed.compose_file, deployed.env_file)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+@dataclass
+class Outcome:
+    host: str
+    status: int = 0
+    message: str = ""
+    value: object = None
+
+
+def sessions(env: Environment, hosts: tuple[Host, ...] | None = None, *, dry_run: bool = False,
+             verbose: bool = False, out: IO[str] | None = None, err: IO[str] | None = None) -> list[HostSession]:
+    hosts = hosts or env.hosts
+    width = max(len(h.label) for h in hosts)
+    prefixed = len(hosts) > 1
+    return [HostSession(env, h, dry_run=dry_run, verbose=verbose,
+                        prefix=f"{h.label:<{width}} | " if prefixed else "",
+                        out=out or sys.stdout, err=err or sys.stderr) for h in hosts]
+
+
+def fan_out(hosts: list[HostSession], step: Callable[[HostSession], object],
+            out: IO[str] | None = None) -> list[Outcome]:
+    """Run step on every host (in parallel when there are several), closing connections after.
+
+    One host: its error propagates as is. Several: each host's result or error becomes an
+    Outcome, a per-host summary is printed, and the worst failure is raised.
+    """
+    out = out or sys.stdout
+    if len(hosts) == 1:
+        try:
+            return [Outcome(hosts[0].name, 0, "ok", step(hosts[0]))]
+        finally:
+            hosts[0].close()
+
+    def one(hs: HostSession) -> Outcome:
+        try:
+            return Outcome(hs.name, 0, "ok", step(hs))
+        except DeployError as exc:
+            hs.say(f"error: {exc}")
+            return Outcome(hs.name, int(exc.status), str(exc))
+        finally:
+            hs.close()
+
+    interrupted = threading.Event()
+    with ThreadPoolExecutor(max_workers=min(len(hosts), 32)) as pool:
+        futures = [pool.submit(one, hs) for hs in hosts]
+        try:
+            outcomes = [f.result() for f in futures]
+        except KeyboardInterrupt:
+            interrupted.set()
+            for hs in hosts:
+                hs.close()
+            raise
+    width = max(len(o.host) for o in outcomes)
+    out.write("summary:\n")
+    for o in outcomes:
+        state = "ok" if o.status == 0 else f"FAILED (exit {o.status}): {o.message}"
+        out.write(f"  {o.host:<{width}}  {state}\n")
+    out.flush()
+    failed = [o for o in outcomes if o.status]
+    if failed:
+        worst = max(failed, key=lambda o: (o.status == ExitStatus.CONNECTION, o.status))
+        exc = DeployError(f"{len(failed)} of {len(outcomes)} hosts failed (first: {failed[0].host})")
+        exc.status = ExitStatus(worst.status) if worst.status in ExitStatus._value2member_map_ else ExitStatus.REMOTE_FAILED
+        exc.outcomes = outcomes
+        raise exc
+    return outcomes

