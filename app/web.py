@@ -7,7 +7,9 @@ GET  /stats         row counts and the worker's last heartbeat
 """
 import json
 import os
+import signal
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg2
@@ -85,11 +87,16 @@ def main():
     port = int(os.environ.get("PORT", "8000"))
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
     server.daemon_threads = True
+    # As PID 1 in a container, SIGTERM does nothing unless handled: without this,
+    # `docker compose down` would wait its full timeout and then SIGKILL us.
+    def stop(*_):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     print(f"web: listening on :{port} (debug={'on' if DEBUG else 'off'})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    server.serve_forever()
+    print("web: stopped", flush=True)
 
 
 if __name__ == "__main__":

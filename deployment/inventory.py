@@ -233,14 +233,14 @@ class _Validator:
         if not remote_dir.startswith(("/", "~/")) or any(c in remote_dir for c in "\n\0'\"$`\\"):
             raise self.fail(src("remote_dir"), "must be an absolute path (or start with ~/) "
                             "without quotes, '$', '`' or backslashes")
-        ssh_config = None
-        if "ssh_config" in merged:
-            ssh_config = self.local_path(merged["ssh_config"], src("ssh_config"))
-        else:
-            default_cfg = Path.home() / ".ssh" / "config"
-            ssh_config = default_cfg if default_cfg.is_file() else None
-        if ssh_config is not None and not ssh_config.is_file():
-            raise self.fail(src("ssh_config"), f"{ssh_config} does not exist")
+        # Like OpenSSH: a missing ~/.ssh/config is fine, a missing explicit file is not.
+        user_default = Path.home() / ".ssh" / "config"
+        ssh_config = (self.local_path(merged["ssh_config"], src("ssh_config")) if "ssh_config" in merged
+                      else user_default)
+        if not ssh_config.exists():
+            if ssh_config != user_default:
+                raise self.fail(src("ssh_config"), f"{ssh_config} does not exist")
+            ssh_config = None
         known = merged.get("known_hosts", "~/.ssh/known_hosts")
         known_list = known if isinstance(known, list) else [known]
         known_hosts = tuple(self.local_path(k, src("known_hosts")) for k in known_list)

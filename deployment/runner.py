@@ -11,9 +11,25 @@ from dataclasses import dataclass
 from typing import IO
 
 import fabric
+import fabric.runners
 from invoke.exceptions import CommandTimedOut
+from paramiko.ssh_exception import SSHException
 
 from .errors import ConnectError, RemoteError
+
+
+# Set when Ctrl+C was forwarded to a remote pty. Invoke then waits for the remote
+# command to end (compose stops the services cleanly) and returns its exit code as if
+# nothing happened; we re-raise the interrupt once it has.
+INTERRUPTED = threading.Event()
+
+
+class InterruptibleRemote(fabric.runners.Remote):
+    """Fabric's remote runner, remembering that the operator pressed Ctrl+C."""
+
+    def send_interrupt(self, interrupt):
+        INTERRUPTED.set()
+        super().send_interrupt(interrupt)
 
 
 @dataclass
@@ -89,12 +105,14 @@ class HostRunner:
         except CommandTimedOut as exc:
             raise RemoteError(f"{self.name}: {what or argv[0]} did not finish within {exc.timeout:g} s "
                               "(command timeout)", hint="raise command_timeout in hosts.yaml if it is expected") from None
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, SSHException) as exc:
             raise ConnectError(f"{self.name}: connection lost: {exc}") from None
         finally:
             for w in (out, err):
                 if w:
                     w.flush()
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
         result = Result(res.exited, res.stdout, res.stderr)
         if check and not result.ok:
             detail = _last_line(result.stderr) or _last_line(result.stdout)

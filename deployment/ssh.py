@@ -23,6 +23,7 @@ from paramiko.ssh_exception import (AuthenticationException, BadHostKeyException
 
 from .errors import ConnectError, HostKeyError
 from .inventory import Environment, Host
+from .runner import InterruptibleRemote
 
 SYSTEM_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
 KEEPALIVE_SECONDS = 15
@@ -45,10 +46,11 @@ class SSHPolicy:
 def _config(policy: SSHPolicy) -> fabric.Config:
     # lazy: no ~/.fabric.yml or /etc/fabric.yml can change SSH policy behind our back.
     # A runtime path makes Fabric read that ssh_config only, not ~/.ssh/config as well.
+    overrides = {"runners": {"remote": InterruptibleRemote}}
     if policy.ssh_config:
-        cfg = fabric.Config(runtime_ssh_path=str(policy.ssh_config), lazy=True)
+        cfg = fabric.Config(runtime_ssh_path=str(policy.ssh_config), lazy=True, overrides=overrides)
     else:
-        cfg = fabric.Config(lazy=True, overrides={"load_ssh_configs": False})
+        cfg = fabric.Config(lazy=True, overrides={**overrides, "load_ssh_configs": False})
     cfg.load_ssh_config()
     return cfg
 

@@ -1,0 +1,94 @@
+"""The CLI's parsing and exit codes, driven in-process through main(argv)."""
+import io
+from pathlib import Path
+
+import pytest
+
+from deployment import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def hosts(tmp_path, monkeypatch):
+    compose = REPO / "deployment" / "compose"
+    p = tmp_path / "hosts.yaml"
+    p.write_text(f"""project: shop
+defaults: {{ssh_config: /dev/null, known_hosts: /dev/null, remote_dir: /srv/shop}}
+environments:
+  dev: {{compose_file: {compose}/docker-compose.dev.yml, hosts: [dev-host]}}
+  staging: {{compose_file: {compose}/docker-compose.stag.yml, hosts: [staging-host]}}
+  prod: {{compose_file: {compose}/docker-compose.prod.yml, hosts: [prod-a, prod-b], protected: true}}
+""")
+    monkeypatch.setenv("DEPLOY_HOSTS", str(p))
+    return p
+
+
+def run(argv, stdin=""):
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(argv, stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_no_arguments_shows_commands_and_environments(hosts):
+    code, out, err = run([])
+    assert code == 0 and err == ""
+    for word in ("up", "down", "build", "logs", "status", "check", "dev", "staging", "prod", "[protected]"):
+        assert word in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["invalid_cmd"], "'invalid_cmd' is not a recognized command or environment"),
+    (["dev", "invalid_sub_cmd"], "unknown command 'invalid_sub_cmd' for environment 'dev'"),
+    (["unknown_env", "up"], "unknown environment 'unknown_env' (valid: dev, staging, prod)"),
+    (["dev", "up", "--bogus"], "unrecognized arguments: --bogus"),
+    (["dev", "logs", "--tail", "x"], "must be a whole number"),
+    (["dev", "build", "web;id"], "unknown service 'web;id'"),
+    (["dev", "logs", "$(id)"], "unknown service '$(id)'"),
+    (["dev", "build", "--", "-h"], "unknown service '-h'"),
+    (["up"], "'up' needs an environment"),
+    (["dev"], "missing command for environment 'dev'"),
+    (["up", "dev"], "the environment comes first"),
+])
+def test_usage_errors_exit_2_with_one_clear_line(hosts, argv, message):
+    code, out, err = run(argv)
+    assert code == 2
+    assert err.startswith("deploy: error: ") and message in err.splitlines()[0]
+    assert "Traceback" not in err
+
+
+def test_inventory_error_exit_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPLOY_HOSTS", str(tmp_path / "missing.yaml"))
+    code, _, err = run(["dev", "status"])
+    assert code == 2 and "inventory not found" in err
+
+
+def test_dry_run_prints_commands_per_host_and_connects_to_nothing(hosts):
+    code, out, err = run(["--dry-run", "prod", "up", "-d", "web"])
+    assert code == 0, err
+    assert out.count("$ docker compose --ansi never -p shop-prod") == 2
+    assert "prod-a | " in out and "prod-b | " in out
+    assert "sync release" in out and "-- web" in out
+
+
+def test_dry_run_after_command_too(hosts):
+    code, out, _ = run(["dev", "down", "--volumes", "--dry-run"])
+    assert code == 0 and "down --remove-orphans --volumes" in out
+
+
+def test_protected_down_volumes_without_tty_or_yes_refuses(hosts):
+    code, out, err = run(["prod", "down", "--volumes"])
+    assert code == 2 and "protected" in err and "--yes" in err
+
+
+def test_help_per_command(hosts):
+    code, out, _ = run(["dev", "logs", "--help"])
+    assert code == 0 and "--tail" in out and "--follow" in out
+
+
+def test_unreachable_host_is_exit_3(hosts, tmp_path):
+    # 127.0.0.1 port 1: nothing listens, so the connection is refused at once.
+    p = tmp_path / "h.yaml"
+    p.write_text(hosts.read_text().replace("[dev-host]", "['127.0.0.1:1']"))
+    code, _, err = run(["--hosts", str(p), "dev", "check"])
+    assert code == 3 and "cannot connect" in err and "Traceback" not in err

@@ -1,0 +1,57 @@
+"""Release layout, content hash and the .env file."""
+import io
+import tarfile
+from pathlib import Path
+
+from deployment import inventory as inv
+from deployment import release as rel
+
+
+def make_project(tmp_path: Path) -> Path:
+    (tmp_path / "app" / "pkg").mkdir(parents=True)
+    (tmp_path / "app" / "Dockerfile").write_text("FROM scratch\n")
+    (tmp_path / "app" / "pkg" / "mod.py").write_text("x = 1\n")
+    (tmp_path / "app" / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "app" / "pkg" / "__pycache__" / "mod.pyc").write_bytes(b"junk")
+    (tmp_path / "app" / "secret.key").write_text("nope")
+    (tmp_path / "app" / ".dockerignore").write_text("*.key\n")
+    (tmp_path / "deploy" / "compose").mkdir(parents=True)
+    (tmp_path / "deploy" / "compose" / "c.yml").write_text(
+        "services:\n  web:\n    build: ../../app\n  db:\n    image: postgres:16\n")
+    (tmp_path / "deploy" / "hosts.yaml").write_text(
+        "project: p\nenvironments:\n  dev:\n    compose_file: compose/c.yml\n    hosts: [h]\n"
+        "    variables: {A: 'x y', B: \"it's $HOME\"}\n    ssh_config: /dev/null\n")
+    return tmp_path / "deploy" / "hosts.yaml"
+
+
+def test_release_ships_compose_file_and_build_context_keeping_layout(tmp_path):
+    env = inv.load(make_project(tmp_path)).environment("dev")
+    r = rel.build(env)
+    assert r.root == tmp_path
+    assert str(r.compose_path) == "deploy/compose/c.yml"
+    names = sorted(str(p) for p, _ in r.files)
+    assert names == ["app/.dockerignore", "app/Dockerfile", "app/pkg/mod.py", "deploy/compose/c.yml"]
+    with tarfile.open(fileobj=io.BytesIO(r.tarball())) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members["deploy/compose/.env"].mode == 0o600
+    assert "app/pkg/mod.py" in members
+
+
+def test_release_id_follows_content(tmp_path):
+    env = inv.load(make_project(tmp_path)).environment("dev")
+    first = rel.build(env).id
+    assert rel.build(env).id == first
+    (tmp_path / "app" / "pkg" / "mod.py").write_text("x = 2\n")
+    assert rel.build(env).id != first
+    assert rel.build(env, {"A": "other"}).id != rel.build(env).id
+
+
+def test_dotenv_keeps_values_literal():
+    assert rel.dotenv({"A": "x y", "B": "$HOME"}) == "A='x y'\nB='$HOME'\n"
+    assert rel.dotenv({"C": "it's $X"}) == 'C="it\'s $$X"\n'
+
+
+def test_scripts_take_values_as_parameters_only():
+    argv = rel.prepare_argv("/srv/x; rm -rf /", "abc")
+    assert argv[:2] == ["sh", "-c"] and argv[3:] == ["deploy-prepare", "/srv/x; rm -rf /", "abc"]
+    assert "rm -rf /" not in argv[2]
