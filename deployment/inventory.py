@@ -43,7 +43,8 @@ class Host:
 
     @property
     def label(self) -> str:
-        return self.name
+        """The host as the inventory writes it (user@name:port), to tell output apart."""
+        return _host_string(self)
 
 
 @dataclass(frozen=True)

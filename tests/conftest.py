@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,8 +62,9 @@ def free_port() -> int:
 def make_inventory(world, tmp_path):
     """Write a hosts.yaml for the world; returns its path. Each call gets a unique project,
     remote directory and published ports, so tests never collide on the shared engine."""
+    made: list[str] = []
 
-    def make(envs: dict | None = None, **defaults) -> Path:
+    def make(envs: dict | None = None, compose_dir: Path = COMPOSE_DIR, **defaults) -> Path:
         project = f"t{uuid.uuid4().hex[:8]}"
         remote = Path(world["remote_root"]) / project
         base = {
@@ -74,17 +79,18 @@ def make_inventory(world, tmp_path):
             },
             "environments": {},
         }
-        for env, spec in (envs or default_envs()).items():
+        for env, spec in (envs or default_envs(compose_dir)).items():
             base["environments"][env] = spec
         path = tmp_path / f"hosts-{project}.yaml"
         path.write_text(yaml.safe_dump(base, sort_keys=False))
+        made.append(project)
         return path
 
-    def default_envs() -> dict:
+    def default_envs(compose_dir: Path = COMPOSE_DIR) -> dict:
         out = {}
         for env, host in ENV_HOSTS.items():
             out[env] = {
-                "compose_file": str(COMPOSE_DIR / COMPOSE_FILES[env]),
+                "compose_file": str(compose_dir / COMPOSE_FILES[env]),
                 "hosts": [host],
                 "variables": stack_variables(world),
             }
@@ -92,7 +98,123 @@ def make_inventory(world, tmp_path):
         return out
 
     make.default_envs = default_envs
-    return make
+    yield make
+    for project in made:
+        cleanup_project(project, Path(world["remote_root"]) / project)
+
+
+def cleanup_project(project: str, remote: Path) -> None:
+    """Remove whatever a test's projects left on the shared engine and filesystem."""
+    for env in ("dev", "staging", "prod", "multi", "two"):
+        name = f"{project}-{env}"
+        docker("compose", "-p", name, "down", "--volumes", "--remove-orphans", "--timeout", "2", check=False)
+        images = docker("images", "-q", "--filter", f"reference={name}-*", check=False).split()
+        if images:
+            docker("rmi", "-f", *sorted(set(images)), check=False)
+    shutil.rmtree(remote, ignore_errors=True)
+
+
+def docker(*args: str, check: bool = True) -> str:
+    res = subprocess.run(["docker", *args], capture_output=True, text=True, cwd="/")
+    if check and res.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {res.stderr}")
+    return res.stdout
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """A copy of the app and compose files that a test may change; returns its compose dir."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "app", root / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(COMPOSE_DIR, root / "deployment" / "compose")
+    return root / "deployment" / "compose"
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+    @property
+    def error(self) -> str:
+        """The tool's own one-line error (compose's streamed output may come before it)."""
+        lines = [ln for ln in self.err.splitlines() if ln.startswith("deploy: error: ")]
+        assert len(lines) == 1, self.err
+        return lines[0]
+
+
+DEPLOY = [sys.executable, str(REPO / "deployment" / "deploy.py")]
+
+
+def deploy(hosts: Path, *args: str, timeout: float = 600, env: dict | None = None) -> Run:
+    """The CLI as an operator runs it: a process, no TTY, no stdin."""
+    res = subprocess.run([*DEPLOY, "--hosts", str(hosts), *args], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=timeout, env={**os.environ, **(env or {})})
+    return Run(res.returncode, res.stdout, res.stderr)
+
+
+def deploy_until(hosts: Path, args: list[str], ready, timeout: float = 300) -> tuple[Run, float]:
+    """Start a long-running command, wait until ready() holds, then press Ctrl+C (SIGINT).
+
+    Returns the result and how long the process took to exit after the interrupt."""
+    proc = subprocess.Popen([*DEPLOY, "--hosts", str(hosts), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                raise AssertionError(f"exited early ({proc.returncode}):\n{out}\n{err}")
+            if time.monotonic() > deadline:
+                raise AssertionError("never became ready")
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        return Run(proc.returncode, out, err), time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def containers(project: str) -> dict[str, dict]:
+    """service -> {state, health, id, image} for the project's containers on the engine."""
+    out = docker("ps", "-a", "--filter", f"label=com.docker.compose.project={project}",
+                 "--format", "{{json .}}")
+    result = {}
+    for line in out.splitlines():
+        c = json.loads(line)
+        labels = dict(kv.split("=", 1) for kv in c["Labels"].split(",") if "=" in kv)
+        status = c["Status"]
+        health = "healthy" if "(healthy)" in status else "unhealthy" if "(unhealthy)" in status else \
+            "starting" if "health: starting" in status else ""
+        result[labels["com.docker.compose.service"]] = {"state": c["State"], "health": health, "id": c["ID"],
+                                                       "image": c["Image"]}
+    return result
+
+
+def volumes(project: str) -> list[str]:
+    return docker("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}").split()
+
+
+def networks(project: str) -> list[str]:
+    return docker("network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}").split()
+
+
+def image_id(name: str) -> str | None:
+    res = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def all_healthy(project: str, services=("web", "worker", "db")) -> bool:
+    c = containers(project)
+    return all(c.get(s, {}).get("health") == "healthy" for s in services)
 
 
 def stack_variables(world: dict) -> dict:
