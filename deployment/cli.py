@@ -49,6 +49,17 @@ def _logs_args(p):
     _services(p, "services whose logs to show")
 
 
+def _migrate_args(p):
+    # For migrate, --dry-run asks the migration runner for its plan: it connects, but
+    # applies nothing.
+    p.add_argument("--dry-run", "--plan", dest="plan", action="store_true",
+                   help="list the pending migrations without applying them")
+
+
+def _test_args(p):
+    p.add_argument("service", nargs="?", metavar="SERVICE", help="only this service's tests")
+
+
 def _non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}")
@@ -69,6 +80,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             lambda a, hs, io: ops.status(hs, as_json=a.json, out=io.stdout)),
     Command("check", "connect to every host: host key, docker and compose versions, free disk",
             lambda p: None, lambda a, hs, io: ops.check(hs, out=io.stdout)),
+    Command("migrate", "apply pending database migrations (migrate.py) on the db host",
+            _migrate_args, lambda a, hs, io: ops.migrate(hs, plan=a.plan)),
+    Command("test", "run the app's tests (run_tests.py) against the running environment",
+            _test_args, lambda a, hs, io: ops.run_tests(hs, a.service)),
 ]}
 
 
@@ -89,8 +104,9 @@ class _Parser(argparse.ArgumentParser):
 def _global_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     d = {"default": argparse.SUPPRESS} if suppress else {}
     p.add_argument("--hosts", metavar="PATH", help="inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)", **d)
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the remote commands and transfers per host; connect to nothing", **d)
+    if "--dry-run" not in p._option_string_actions:
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the remote commands and transfers per host; connect to nothing", **d)
     # -v is verbose everywhere, also after `down` (where compose means --volumes): a
     # mistyped -v then keeps the data instead of deleting it.
     p.add_argument("-v", "--verbose", action="store_true", help="show remote commands and tracebacks", **d)
@@ -188,6 +204,8 @@ def _dispatch(argv: list[str], io: IO3, state: dict) -> int:
     for opt in ("hosts", "dry_run", "verbose"):
         if not hasattr(args, opt):
             setattr(args, opt, getattr(top, opt))
+    if hasattr(args, "plan"):
+        args.plan, args.dry_run = args.plan or args.dry_run, False
     state["verbose"] = args.verbose
     if args.hosts != top.hosts:
         path = inv.resolve_path(args.hosts)

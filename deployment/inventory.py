@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .commands import SERVICE_RE
 from .errors import InventoryError
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "hosts.yaml"
@@ -29,7 +30,7 @@ ROLE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 # Keys that `defaults` may set and any environment may override.
 SHARED_KEYS = {"user", "port", "remote_dir", "ssh_config", "known_hosts",
                "connect_timeout", "command_timeout", "backup"}
-ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected"}
+ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected", "app_service"}
 TOP_KEYS = {"project", "defaults", "environments"}
 BACKUP_KEYS = {"dir", "keep"}
 
@@ -64,6 +65,7 @@ class Environment:
     command_timeout: float = 3600.0
     backup_dir: Path = Path("backups")
     backup_keep: int = 14
+    app_service: str | None = None
     inventory_path: Path = Path()
 
     @property
@@ -261,6 +263,8 @@ class _Validator:
             connect_timeout=float(self.number(merged.get("connect_timeout", 10), src("connect_timeout"), low=0.1)),
             command_timeout=float(self.number(merged.get("command_timeout", 3600), src("command_timeout"), low=1)),
             backup_dir=backup_dir, backup_keep=keep, inventory_path=self.path,
+            app_service=(self.string(spec["app_service"], f"{where}.app_service", SERVICE_RE, "service name")
+                         if "app_service" in spec else None),
         )
 
     def hosts(self, value: Any, where: str) -> tuple[Host, ...]:

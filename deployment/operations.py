@@ -16,6 +16,7 @@ from .commands import Compose, check_services
 from .errors import ConnectError, DeployError, ExitStatus, RemoteError, UsageError
 from .inventory import Environment
 from .session import HostSession, fan_out
+from .sync import mark_built
 from .ui import confirm
 
 # Compose commands that work by project label run from "/", so that a compose file in
@@ -47,23 +48,29 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
     env = hosts[0].env
     services = validate_services(env, list(services))
     release = rel.build(env)
+    has_builds = _has_builds(env)
 
     def step(hs: HostSession) -> None:
         deployed = hs.sync(release)
         compose = hs.compose(deployed)
-        # New content on the host must not run on images built from the old one.
-        rebuild = build or deployed.uploaded and _has_builds(env)
+        # A release whose images were never built must not run on images of an older one.
+        rebuild = build or (has_builds and not deployed.built)
         if rebuild and not build:
-            hs.say("release changed: rebuilding images")
+            hs.say(f"release {release.id} not built on this host yet: building images")
         if not detach:
             # A pty, so that Ctrl+C reaches compose, which then stops the services cleanly.
-            hs.runner.run(compose.up(services, detach=False, build=rebuild), pty=True,
-                          what="compose up")
+            # Images are built before the services start, so they count as built even if
+            # the operator stops the services later.
+            if rebuild:
+                _build(hs, compose, deployed, services)
+            hs.runner.run(compose.up(services, detach=False), pty=True, what="compose up")
             return
         res = hs.runner.run(compose.up(services, detach=True, build=rebuild), check=False,
                             what="compose up")
         if res.exited != 0:
             _explain_failed_start(hs, compose, res)
+        if rebuild and not services:
+            mark_built(hs.runner, deployed)
         hs.say(f"{env.compose_project}: services up and healthy")
 
     fan_out(hosts, step)
@@ -126,9 +133,15 @@ def build(hosts: list[HostSession], services: list[str] = ()) -> None:
 
     def step(hs: HostSession) -> None:
         deployed = hs.sync(release)
-        hs.runner.run(hs.compose(deployed).build(services), what="compose build")
+        _build(hs, hs.compose(deployed), deployed, services)
 
     fan_out(hosts, step)
+
+
+def _build(hs: HostSession, compose: Compose, deployed, services: list[str]) -> None:
+    hs.runner.run(compose.build(services), what="compose build")
+    if not services:
+        mark_built(hs.runner, deployed)
 
 
 # --- logs ---------------------------------------------------------------------------------
@@ -260,3 +273,107 @@ def check(hosts: list[HostSession], out: IO[str] | None = None) -> None:
             raise RemoteError(f"{hs.name}: " + "; ".join(problems))
 
     fan_out(hosts, step, out=out)
+
+
+# --- migrate and test: one-off containers of the app image ------------------------------
+
+def app_service(env: Environment) -> str:
+    """The service whose image holds migrate.py and run_tests.py: the environment's
+    `app_service`, else the first service the compose file builds."""
+    services = rel.load_compose(env.compose_file)["services"]
+    if env.app_service:
+        if env.app_service not in services:
+            raise UsageError(f"{env.inventory_path}: environments.{env.name}.app_service: "
+                             f"'{env.app_service}' is not a service of {env.compose_file}")
+        return env.app_service
+    for name, spec in services.items():
+        if isinstance(spec, dict) and "build" in spec:
+            return name
+    raise UsageError(f"{env.compose_file} builds no service, so there is no app image to run "
+                     "migrate.py and run_tests.py in", hint=f"set environments.{env.name}.app_service")
+
+
+def one_off_host(hosts: list[HostSession], role: str = "db") -> HostSession:
+    """The host a one-off job runs on: the environment's db host."""
+    env = hosts[0].env
+    db = env.db_hosts()
+    if not db:
+        raise UsageError(f"environment '{env.name}' has several hosts and none has the '{role}' role",
+                         hint=f"add roles: [app, {role}] to the host that runs the database")
+    if len(db) > 1:
+        raise UsageError(f"environment '{env.name}' has several hosts with the '{role}' role "
+                         f"({', '.join(h.label for h in db)}); migrations must run on exactly one")
+    return next(hs for hs in hosts if hs.host == db[0])
+
+
+def _prepare_one_off(hs: HostSession, release: rel.Release, service: str):
+    """Sync the release and make sure its app image is built, so that the one-off runs
+    the code of this release, not whatever image happens to exist."""
+    deployed = hs.sync(release)
+    compose = hs.compose(deployed)
+    if not deployed.built:
+        hs.say(f"release {release.id} not built on this host yet: building {service}")
+        hs.runner.run(compose.build([service]), what="compose build")
+    return deployed, compose
+
+
+def migrate(hosts: list[HostSession], plan: bool = False) -> None:
+    env = hosts[0].env
+    service = app_service(env)
+    hs = one_off_host(hosts)
+    release = rel.build(env)
+
+    def step(hs: HostSession) -> None:
+        _, compose = _prepare_one_off(hs, release, service)
+        argv = ["python3", "migrate.py"] + (["--plan"] if plan else [])
+        res = hs.runner.run(compose.run(service, argv), check=False, what="migrate.py")
+        if res.exited == 0 or hs.dry_run:
+            return
+        output = res.stdout + res.stderr
+        if "can't open file" in output and "migrate.py" in output:
+            raise RemoteError(f"{hs.name}: migrate.py is not in the image of service '{service}'; nothing changed")
+        raise RemoteError(f"{hs.name}: migration failed (exit {res.exited}): "
+                          f"{_last_line(res.stderr) or _last_line(res.stdout)}")
+
+    fan_out([hs], step)
+
+
+def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
+    env = hosts[0].env
+    if service:
+        validate_services(env, [service])
+    app = app_service(env)
+    hs = hosts[0] if len(hosts) == 1 else one_off_host(hosts)
+    release = rel.build(env)
+
+    def step(hs: HostSession) -> int:
+        if not hs.dry_run:
+            running = [c for c in parse_ps(hs.runner.run(hs.compose().ps(), echo=False, cwd=NEUTRAL_CWD,
+                                                         what="compose ps").stdout)
+                       if c.get("State") == "running"]
+            if not running:
+                raise RemoteError(f"{hs.name}: the services of {env.compose_project} are not running; "
+                                  "nothing to test", hint=f"start them first: deploy {env.name} up -d")
+        _, compose = _prepare_one_off(hs, release, app)
+        argv = ["python3", "run_tests.py"]
+        if service:
+            argv.append(service)
+        if env.protected:
+            # Protected environments get only the smoke tests that write nothing.
+            argv.append("--read-only")
+            hs.say(f"{env.name} is protected: running the read-only subset only")
+        res = hs.runner.run(compose.run(app, argv), check=False, what="run_tests.py")
+        if res.exited == 0 or hs.dry_run:
+            return 0
+        if res.exited == 1:
+            raise RemoteError(f"{hs.name}: tests failed: {_last_line(res.stdout)}")
+        if res.exited == 2 and "no " in res.stderr and "tests for service" in res.stderr:
+            raise UsageError(f"{hs.name}: {_last_line(res.stderr).removeprefix('run_tests: ')}")
+        output = res.stdout + res.stderr
+        if "can't open file" in output and "run_tests.py" in output:
+            raise RemoteError(f"{hs.name}: run_tests.py is not in the image of service '{app}'")
+        raise RemoteError(f"{hs.name}: run_tests.py failed (exit {res.exited}): "
+                          f"{_last_line(res.stderr) or _last_line(res.stdout)}")
+
+    fan_out([hs], step)
+    return 0

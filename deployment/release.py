@@ -201,30 +201,40 @@ _EXPAND = 'case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
 PREPARE_SCRIPT = _EXPAND + (
     'set -e; mkdir -p "$d/releases" "$d/.incoming"; cd "$d"; '
     'if [ -f "releases/$2/.release-complete" ]; then '
-    '  ln -sfn "releases/$2" current.new && mv -T current.new current; echo "present $PWD"; '
+    '  ln -sfn "releases/$2" ".current.$$" && mv -T ".current.$$" current; '
+    '  if [ -f "releases/$2/.built" ]; then echo "built $PWD"; else echo "present $PWD"; fi; '
     'else echo "missing $PWD"; fi'
 )
 
+# Concurrent runs may ship the same release at once: each stages under its own name and
+# the first rename wins; the loser discards its copy.
 INSTALL_SCRIPT = _EXPAND + (
-    'set -e; cd "$d"; id=$2; tmp="releases/.$id.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"; '
-    'tar -xzf ".incoming/$id.tar.gz" -C "$tmp"; chmod 600 "$tmp/$3"; touch "$tmp/.release-complete"; '
-    'rm -rf "releases/$id"; mv "$tmp" "releases/$id"; rm -f ".incoming/$id.tar.gz"; '
-    'ln -sfn "releases/$id" current.new && mv -T current.new current; '
+    'set -e; cd "$d"; id=$2; upload=$3; tmp="releases/.$id.$$"; rm -rf "$tmp"; mkdir -p "$tmp"; '
+    'tar -xzf "$upload" -C "$tmp"; rm -f "$upload"; chmod 600 "$tmp/$4"; touch "$tmp/.release-complete"; '
+    'mv -T "$tmp" "releases/$id" 2>/dev/null || rm -rf "$tmp"; '
+    'ln -sfn "releases/$id" ".current.$$" && mv -T ".current.$$" current; '
     # keep the newest releases and never the current one
-    'ls -1t releases | grep -v "^\\." | tail -n +$(( $4 + 1 )) | while read -r old; do '
+    'ls -1t releases | grep -v "^\\." | tail -n +$(( $5 + 1 )) | while read -r old; do '
     '  [ "$old" = "$id" ] || rm -rf "releases/$old"; done'
 )
 
+MARK_BUILT_SCRIPT = _EXPAND + 'touch "$d/releases/$2/.built"'
+
 
 def prepare_argv(env_dir: str, release_id: str) -> list[str]:
-    """Switch to the release if the host holds it; print 'present|missing <abs env dir>'."""
+    """Switch to the release if the host holds it; print 'built|present|missing <abs env dir>'."""
     return ["sh", "-c", PREPARE_SCRIPT, "deploy-prepare", env_dir, release_id]
 
 
-def install_argv(env_dir: str, release: Release, keep: int = KEEP_RELEASES) -> list[str]:
-    return ["sh", "-c", INSTALL_SCRIPT, "deploy-install", env_dir, release.id,
+def install_argv(env_dir: str, release: Release, upload: str, keep: int = KEEP_RELEASES) -> list[str]:
+    return ["sh", "-c", INSTALL_SCRIPT, "deploy-install", env_dir, release.id, upload,
             str(release.env_path), str(keep)]
 
 
-def upload_path(abs_env_dir: str, release_id: str) -> str:
-    return f"{abs_env_dir}/.incoming/{release_id}.tar.gz"
+def mark_built_argv(env_dir: str, release_id: str) -> list[str]:
+    """Record that the images of this release were built, so later commands need not rebuild."""
+    return ["sh", "-c", MARK_BUILT_SCRIPT, "deploy-mark-built", env_dir, release_id]
+
+
+def upload_path(abs_env_dir: str, release_id: str, nonce: str) -> str:
+    return f"{abs_env_dir}/.incoming/{release_id}.{nonce}.tar.gz"

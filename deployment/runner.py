@@ -67,6 +67,11 @@ class LineWriter:
         return len(data)
 
     def flush(self) -> None:
+        # Invoke flushes after every chunk; a partial line waits for its end (or finish()).
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """Write out a last line that had no newline."""
         if self.buf:
             with self.lock:
                 self.stream.write(f"{self.prefix}{self.buf}\n")
@@ -110,7 +115,7 @@ class HostRunner:
         finally:
             for w in (out, err):
                 if w:
-                    w.flush()
+                    w.finish()
         if INTERRUPTED.is_set():
             raise KeyboardInterrupt
         result = Result(res.exited, res.stdout, res.stderr)

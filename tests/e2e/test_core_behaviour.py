@@ -170,7 +170,7 @@ def test_no_change_redeploy_uploads_rebuilds_and_restarts_nothing(make_inventory
     before = {s: c["id"] for s, c in containers(project(hosts, "dev")).items()}
     again = deploy(hosts, "dev", "up", "-d")
     assert again.code == 0, again.text
-    assert "uploaded" not in again.out and "rebuilding" not in again.out
+    assert "uploaded" not in again.out and "building images" not in again.out
     assert {s: c["id"] for s, c in containers(project(hosts, "dev")).items()} == before
     assert "Recreate" not in again.text and "Building" not in again.text
 
