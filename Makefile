@@ -28,14 +28,18 @@ testbed-down:
 testbed-status:
 	$(PYTHON) tests/testbed/testbed.py status
 
+# End-to-end tests mostly wait on containers and healthchecks; four workers cut the
+# wall time about threefold. Every test has its own project, ports and remote dir.
+PYTEST_WORKERS ?= 4
+
 test: venv testbed
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS)
 
 unit: venv
 	$(PY) -m pytest tests/unit
 
 e2e: venv testbed
-	$(PY) -m pytest tests/e2e
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests/e2e
 
 # The dev stack on the world's dev host, through the tool, with the inventory the
 # testbed writes ($(TESTBED_DIR)/hosts.yaml).

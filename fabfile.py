@@ -56,3 +56,15 @@ def status(c, json=False, env=None):
 def check(c, env=None):
     """Host key, docker and compose versions, free disk."""
     run(c, ops.check, env)
+
+
+@task(help={"dry_run": "list pending migrations, apply nothing", "env": "environment, if the host is in several"})
+def migrate(c, dry_run=False, env=None):
+    """Apply pending database migrations (the host must be the environment's db host)."""
+    run(c, ops.migrate, env, plan=dry_run)
+
+
+@task(name="test", help={"service": "only this service's tests", "env": "environment, if the host is in several"})
+def test_(c, service=None, env=None):
+    """Run the app's tests against the running environment."""
+    run(c, ops.run_tests, env, service=service)

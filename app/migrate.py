@@ -44,8 +44,18 @@ def discover(directory: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def applied(conn) -> dict[str, str]:
+def applied(conn, create: bool = True) -> dict[str, str]:
     with conn.cursor() as cur:
+        if not create:
+            # --plan writes nothing, not even the bookkeeping table.
+            cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                conn.rollback()
+                return {}
+            cur.execute("SELECT version, checksum FROM schema_migrations")
+            rows = dict(cur.fetchall())
+            conn.rollback()
+            return rows
         cur.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
                            version    text PRIMARY KEY,
                            checksum   text NOT NULL,
@@ -92,8 +102,9 @@ def main(argv=None) -> int:
         print(f"migrate: database unreachable: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     try:
-        lock(conn, float(os.environ.get("MIGRATE_LOCK_TIMEOUT", "120")))
-        done = applied(conn)
+        if not args.plan:
+            lock(conn, float(os.environ.get("MIGRATE_LOCK_TIMEOUT", "120")))
+        done = applied(conn, create=not args.plan)
         for version, path in migrations:
             if version in done and done[version] != checksum(path):
                 say(f"warning: {version} changed after it was applied; it is not applied again")

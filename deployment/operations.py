@@ -303,7 +303,11 @@ def one_off_host(hosts: list[HostSession], role: str = "db") -> HostSession:
     if len(db) > 1:
         raise UsageError(f"environment '{env.name}' has several hosts with the '{role}' role "
                          f"({', '.join(h.label for h in db)}); migrations must run on exactly one")
-    return next(hs for hs in hosts if hs.host == db[0])
+    for hs in hosts:
+        if hs.host == db[0]:
+            return hs
+    raise UsageError(f"{', '.join(hs.name for hs in hosts)} is not the db host of '{env.name}' "
+                     f"({db[0].label} is)", hint=f"run it on {db[0].label}")
 
 
 def _prepare_one_off(hs: HostSession, release: rel.Release, service: str):

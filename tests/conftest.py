@@ -52,10 +52,24 @@ def world() -> dict:
     return json.loads((STATE / "world.json").read_text())
 
 
+_next_port = [0]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, from a range of this xdist worker's own, so that parallel workers
+    never hand out the same one (and never one in the kernel's ephemeral range)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    base = 20000 + 1000 * (worker % 10) + (os.getpid() % 50) * 20
+    for _ in range(1000):
+        _next_port[0] = (_next_port[0] + 1) % 1000
+        port = base + (_next_port[0] * 7) % 1000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 @pytest.fixture
@@ -108,9 +122,11 @@ def cleanup_project(project: str, remote: Path) -> None:
     for env in ("dev", "staging", "prod", "multi", "two"):
         name = f"{project}-{env}"
         docker("compose", "-p", name, "down", "--volumes", "--remove-orphans", "--timeout", "2", check=False)
-        images = docker("images", "-q", "--filter", f"reference={name}-*", check=False).split()
+        # By tag, never by id: projects built from the same content share image ids.
+        images = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={name}-*",
+                        check=False).split()
         if images:
-            docker("rmi", "-f", *sorted(set(images)), check=False)
+            docker("rmi", *sorted(set(images)), check=False)
     shutil.rmtree(remote, ignore_errors=True)
 
 

@@ -1,0 +1,311 @@
+"""Verified database backups, pulled back to the operator, and restores that cannot
+damage data they cannot replace.
+
+Guarantees, as trusted backup tools give them:
+- a dump that fails is never reported as a backup: pg_dump runs in the db container,
+  writes to a file (no pipe can hide its exit status), is read back in full with
+  `pg_restore -f /dev/null` and hashed before it is renamed into the host's backup
+  directory;
+- the pull streams into `<name>.part`, hashing as it goes, is fsynced, compared with the
+  host's sha256 and only then linked to its final name (never over an existing file),
+  with a manifest beside it;
+- a restore checks the checksum and reads the whole file with pg_restore before the
+  database is touched, then restores in one transaction.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from . import __version__
+from .errors import DeployError, LockedError, RemoteError, UsageError
+from .inventory import Environment
+
+CHUNK = 1 << 20
+SUFFIX = ".dump"
+
+
+# --- remote scripts (constants; every value is a positional parameter) -------------------
+
+_EXPAND = 'case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
+
+# The db container: the running container of service $3 in compose project $2.
+_FIND_DB = (
+    'c=$(docker ps -q --filter "label=com.docker.compose.project=$2" '
+    '--filter "label=com.docker.compose.service=$3" --filter status=running | head -n 1); '
+    'if [ -z "$c" ]; then echo "the $3 service of $2 is not running" >&2; exit 3; fi; '
+)
+
+DUMP_SCRIPT = _EXPAND + 'set -eu; mkdir -p "$d/backups"; ' + _FIND_DB + (
+    'tmp="/tmp/deploy-backup.$$.dump"; part="$d/backups/.$4.part"; '
+    'cleanup() { rm -f "$part"; docker exec "$c" rm -f "$tmp" >/dev/null 2>&1 || true; }; '
+    'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
+    # pg_dump writes a file: its exit status is its own, no pipe in between.
+    'docker exec "$c" sh -c \'exec pg_dump --format=custom --username="$POSTGRES_USER" '
+    '--dbname="${POSTGRES_DB:-$POSTGRES_USER}" --file="$1"\' sh "$tmp"; '
+    # A full read catches truncation and corruption that `pg_restore --list` misses.
+    'docker exec "$c" pg_restore --file=/dev/null "$tmp"; '
+    'inner=$(docker exec "$c" sha256sum "$tmp"); inner=${inner%% *}; '
+    'docker cp "$c:$tmp" "$part"; '
+    'sha=$(sha256sum "$part"); sha=${sha%% *}; '
+    'if [ "$sha" != "$inner" ]; then echo "copying the dump out of the container changed it" >&2; exit 4; fi; '
+    'size=$(stat -c %s "$part"); '
+    'db=$(docker exec "$c" sh -c \'echo "${POSTGRES_DB:-$POSTGRES_USER}"\'); '
+    'ver=$(docker exec "$c" sh -c \'postgres -V 2>/dev/null || pg_dump -V\' | head -n 1); '
+    'mv "$part" "$d/backups/$4"; trap - EXIT; docker exec "$c" rm -f "$tmp"; '
+    'echo "path=$d/backups/$4"; echo "sha256=$sha"; echo "size=$size"; echo "database=$db"; echo "version=$ver"'
+)
+
+PRUNE_SCRIPT = _EXPAND + (
+    'cd "$d/backups" 2>/dev/null || exit 0; '
+    'ls -1t -- *' + SUFFIX + ' 2>/dev/null | tail -n +$(( $2 + 1 )) | while read -r f; do rm -f -- "$f"; echo "$f"; done'
+)
+
+# Restore: check the uploaded file's sha256 ($4) on the host, copy it into the db
+# container, read it in full, and only then restore it in one transaction.
+RESTORE_SCRIPT = _EXPAND + 'set -eu; ' + _FIND_DB + (
+    'f=$5; tmp="/tmp/deploy-restore.$$.dump"; '
+    'cleanup() { rm -f "$f"; docker exec "$c" rm -f "$tmp" >/dev/null 2>&1 || true; }; '
+    'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
+    'sha=$(sha256sum "$f"); sha=${sha%% *}; '
+    'if [ "$sha" != "$4" ]; then echo "the uploaded file does not match its checksum" >&2; exit 4; fi; '
+    'docker cp "$f" "$c:$tmp"; '
+    'if ! docker exec "$c" pg_restore --file=/dev/null "$tmp"; then '
+    '  echo "the backup cannot be read in full by pg_restore; the database was not touched" >&2; exit 5; fi; '
+    'echo "verified; restoring in one transaction" >&2; '
+    'docker exec "$c" sh -c \'exec pg_restore --clean --if-exists --single-transaction --no-owner '
+    '--exit-on-error --username="$POSTGRES_USER" --dbname="${POSTGRES_DB:-$POSTGRES_USER}" "$1"\' sh "$tmp"; '
+    # What is there now: every table with its row count ($6 is the query).
+    'docker exec "$c" sh -c \'exec psql -X -A -t -F " " --username="$POSTGRES_USER" '
+    '--dbname="${POSTGRES_DB:-$POSTGRES_USER}" -c "$1"\' sh "$6"'
+)
+
+COUNT_ROWS_SQL = (
+    "SELECT 'table ' || table_schema || '.' || table_name, "
+    "(xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', table_schema, table_name), "
+    "false, true, '')))[1]::text "
+    "FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+    "AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+)
+
+
+def dump_argv(env_dir: str, project: str, db_service: str, name: str) -> list[str]:
+    return ["sh", "-c", DUMP_SCRIPT, "deploy-backup", env_dir, project, db_service, name]
+
+
+def prune_argv(env_dir: str, keep: int) -> list[str]:
+    return ["sh", "-c", PRUNE_SCRIPT, "deploy-prune", env_dir, str(int(keep))]
+
+
+def restore_argv(env_dir: str, project: str, db_service: str, sha256: str, remote_file: str) -> list[str]:
+    return ["sh", "-c", RESTORE_SCRIPT, "deploy-restore", env_dir, project, db_service, sha256, remote_file,
+            COUNT_ROWS_SQL]
+
+
+# --- local side ---------------------------------------------------------------------------
+
+def utc_stamp(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def backup_name(env: Environment, stamp: str) -> str:
+    return f"{env.project}-{env.name}-{stamp}{SUFFIX}"
+
+
+class Reporter:
+    """Progress for people, plain timestamped lines for cron: a TTY gets a live bar."""
+
+    def __init__(self, out: IO[str], tty: bool | None = None):
+        self.out = out
+        self.tty = out.isatty() if tty is None else tty
+        self._last = 0.0
+
+    def line(self, msg: str) -> None:
+        if self.tty:
+            self.out.write(f"{msg}\n")
+        else:
+            self.out.write(f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} {msg}\n")
+        self.out.flush()
+
+    def progress(self, done: int, total: int, started: float, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < (0.1 if self.tty else 10):
+            return
+        self._last = now
+        rate = done / max(now - started, 1e-6)
+        pct = 100 * done / total if total else 100
+        if self.tty:
+            width = 30
+            filled = int(width * pct / 100)
+            self.out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}%  "
+                           f"{human(done)} / {human(total)}  {human(rate)}/s ")
+            if final:
+                self.out.write("\n")
+            self.out.flush()
+        else:
+            self.line(f"  {human(done)} / {human(total)} ({pct:.0f}%), {human(rate)}/s")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class EnvLock:
+    """One backup or restore per environment at a time, on this machine (cron overlap)."""
+
+    def __init__(self, directory: Path, env: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f".{env}.lock"
+        self.fh = None
+
+    def __enter__(self):
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.close()
+            raise LockedError(f"another backup or restore of this environment is running (lock {self.path})",
+                              hint="try again later; exit code 75 means exactly that") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"{os.getpid()}\n")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+@dataclass
+class Pulled:
+    path: Path
+    size: int
+    sha256: str
+
+
+def pull(runner, remote_path: str, size: int, sha256: str, final: Path, report: Reporter) -> Pulled:
+    """Stream remote_path into final: .part, fsync, checksum, then link (never overwrite)."""
+    part = final.with_name(f".{final.name}.{secrets.token_hex(4)}.part")
+    digest = hashlib.sha256()
+    received = 0
+    started = time.monotonic()
+    try:
+        with open(part, "xb") as fh:
+            def sink(chunk: bytes) -> None:
+                nonlocal received
+                fh.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                report.progress(received, size, started)
+            runner.stream_out(["cat", "--", remote_path], sink, what="pulling the backup")
+            fh.flush()
+            os.fsync(fh.fileno())
+        report.progress(received, size, started, final=True)
+        if received != size or digest.hexdigest() != sha256:
+            raise RemoteError(f"the pulled backup does not match the host's copy "
+                              f"({received} of {size} bytes, sha256 {digest.hexdigest()[:12]}… "
+                              f"instead of {sha256[:12]}…); nothing was kept")
+        link_new(part, final)
+    finally:
+        part.unlink(missing_ok=True)
+    _fsync_dir(final.parent)
+    return Pulled(final, received, sha256)
+
+
+def link_new(src: Path, final: Path) -> None:
+    """Give src the name final, failing rather than replacing an existing file."""
+    try:
+        os.link(src, final)
+    except FileExistsError:
+        raise DeployError(f"{final} already exists; an existing backup is never overwritten") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(dump: Path, manifest: dict) -> Path:
+    """<name>.json (the manifest) and <name>.sha256 (for `sha256sum -c`), written atomically."""
+    for path, text in ((dump.with_suffix(".json"), json.dumps(manifest, indent=2) + "\n"),
+                       (dump.with_suffix(".sha256"), f"{manifest['sha256']}  {dump.name}\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return dump.with_suffix(".json")
+
+
+def local_backups(directory: Path, env: Environment) -> list[Path]:
+    """This environment's verified local backups (a manifest beside each), newest first."""
+    pattern = re.compile(rf"^{re.escape(env.project)}-{re.escape(env.name)}-\d{{8}}T\d{{6}}Z(-\d+)?{SUFFIX}$")
+    found = [p for p in directory.glob(f"*{SUFFIX}") if pattern.match(p.name) and p.with_suffix(".json").is_file()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def prune_local(directory: Path, env: Environment, keep: int) -> list[Path]:
+    removed = []
+    for old in local_backups(directory, env)[keep:]:
+        for p in (old, old.with_suffix(".json"), old.with_suffix(".sha256")):
+            p.unlink(missing_ok=True)
+        removed.append(old)
+    return removed
+
+
+def read_checksum(dump: Path) -> tuple[str | None, dict]:
+    """The expected sha256 of a local backup, from its manifest or .sha256 file."""
+    manifest_path = dump.with_suffix(".json")
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            return manifest["sha256"], manifest
+        except (ValueError, KeyError):
+            raise UsageError(f"{manifest_path}: not a valid backup manifest") from None
+    sums = dump.with_name(dump.name + ".sha256")
+    for candidate in (dump.with_suffix(".sha256"), sums):
+        if candidate.is_file():
+            return candidate.read_text().split()[0], {}
+    return None, {}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_for(env: Environment, host: str, facts: dict, created: datetime) -> dict:
+    return {
+        "environment": env.name,
+        "project": env.compose_project,
+        "host": host,
+        "database": facts.get("database"),
+        "postgres_version": facts.get("version"),
+        "size": int(facts["size"]),
+        "sha256": facts["sha256"],
+        "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tool_version": __version__,
+        "file": None,
+    }
+
+
+def parse_facts(stdout: str) -> dict:
+    return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
