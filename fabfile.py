@@ -58,13 +58,29 @@ def check(c, env=None):
     run(c, ops.check, env)
 
 
-@task(help={"dry_run": "list pending migrations, apply nothing", "env": "environment, if the host is in several"})
-def migrate(c, dry_run=False, env=None):
+@task(help={"dry_run": "list pending migrations, apply nothing",
+            "no_backup": "on a protected environment, skip the backup taken first",
+            "env": "environment, if the host is in several"})
+def migrate(c, dry_run=False, no_backup=False, env=None):
     """Apply pending database migrations (the host must be the environment's db host)."""
-    run(c, ops.migrate, env, plan=dry_run)
+    run(c, ops.migrate, env, plan=dry_run, no_backup=no_backup)
 
 
 @task(name="test", help={"service": "only this service's tests", "env": "environment, if the host is in several"})
 def test_(c, service=None, env=None):
     """Run the app's tests against the running environment."""
     run(c, ops.run_tests, env, service=service)
+
+
+@task(help={"keep": "keep the N newest backups", "env": "environment, if the host is in several"})
+def backup(c, keep=None, env=None):
+    """Dump the database, verify it, pull it to backups/ENV/ (the host must be the db host)."""
+    run(c, ops.backup, env, keep=int(keep) if keep is not None else None)
+
+
+@task(help={"file": "a local backup (default: the newest verified one)", "yes": "confirm without a prompt",
+            "allow_other_env": "allow another environment's backup on a protected environment",
+            "env": "environment, if the host is in several"})
+def restore(c, file=None, yes=False, allow_other_env=False, env=None):
+    """Restore a verified backup into the database."""
+    run(c, ops.restore, env, file=file, yes=yes, allow_other_env=allow_other_env)

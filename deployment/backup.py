@@ -45,7 +45,7 @@ _FIND_DB = (
     'if [ -z "$c" ]; then echo "the $3 service of $2 is not running" >&2; exit 3; fi; '
 )
 
-DUMP_SCRIPT = _EXPAND + 'set -eu; mkdir -p "$d/backups"; ' + _FIND_DB + (
+DUMP_SCRIPT = _EXPAND + 'set -eu; umask 077; mkdir -p "$d/backups"; ' + _FIND_DB + (
     'tmp="/tmp/deploy-backup.$$.dump"; part="$d/backups/.$4.part"; '
     'cleanup() { rm -f "$part"; docker exec "$c" rm -f "$tmp" >/dev/null 2>&1 || true; }; '
     'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
@@ -79,6 +79,8 @@ RESTORE_SCRIPT = _EXPAND + 'set -eu; ' + _FIND_DB + (
     'sha=$(sha256sum "$f"); sha=${sha%% *}; '
     'if [ "$sha" != "$4" ]; then echo "the uploaded file does not match its checksum" >&2; exit 4; fi; '
     'docker cp "$f" "$c:$tmp"; '
+    # docker cp keeps the uploader's uid and the 0600 mode; the database user must read it.
+    'docker exec -u 0 "$c" chmod 0644 "$tmp"; '
     'if ! docker exec "$c" pg_restore --file=/dev/null "$tmp"; then '
     '  echo "the backup cannot be read in full by pg_restore; the database was not touched" >&2; exit 5; fi; '
     'echo "verified; restoring in one transaction" >&2; '
@@ -127,7 +129,7 @@ class Reporter:
     def __init__(self, out: IO[str], tty: bool | None = None):
         self.out = out
         self.tty = out.isatty() if tty is None else tty
-        self._last = 0.0
+        self._last = time.monotonic()
 
     def line(self, msg: str) -> None:
         if self.tty:
@@ -138,7 +140,7 @@ class Reporter:
 
     def progress(self, done: int, total: int, started: float, final: bool = False) -> None:
         now = time.monotonic()
-        if not final and now - self._last < (0.1 if self.tty else 10):
+        if not final and (done >= total or now - self._last < (0.1 if self.tty else 10)):
             return
         self._last = now
         rate = done / max(now - started, 1e-6)
@@ -204,7 +206,8 @@ def pull(runner, remote_path: str, size: int, sha256: str, final: Path, report: 
     received = 0
     started = time.monotonic()
     try:
-        with open(part, "xb") as fh:
+        # Backups hold all the data: readable by the operator only.
+        with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
             def sink(chunk: bytes) -> None:
                 nonlocal received
                 fh.write(chunk)

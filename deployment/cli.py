@@ -54,6 +54,26 @@ def _migrate_args(p):
     # applies nothing.
     p.add_argument("--dry-run", "--plan", dest="plan", action="store_true",
                    help="list the pending migrations without applying them")
+    p.add_argument("--no-backup", action="store_true",
+                   help="on a protected environment, skip the verified backup taken first")
+
+
+def _backup_args(p):
+    p.add_argument("--keep", type=_positive_int, metavar="N",
+                   help="keep the N newest backups, here and on the host (default: backup.keep, 14)")
+
+
+def _restore_args(p):
+    p.add_argument("--file", metavar="PATH", help="a local backup file (default: the newest verified one)")
+    p.add_argument("--yes", "-y", action="store_true", help="confirm without a prompt (protected environments)")
+    p.add_argument("--allow-other-env", action="store_true",
+                   help="allow a backup of another environment on a protected environment")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def _test_args(p):
@@ -81,9 +101,14 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("check", "connect to every host: host key, docker and compose versions, free disk",
             lambda p: None, lambda a, hs, io: ops.check(hs, out=io.stdout)),
     Command("migrate", "apply pending database migrations (migrate.py) on the db host",
-            _migrate_args, lambda a, hs, io: ops.migrate(hs, plan=a.plan)),
+            _migrate_args, lambda a, hs, io: ops.migrate(hs, plan=a.plan, no_backup=a.no_backup)),
     Command("test", "run the app's tests (run_tests.py) against the running environment",
             _test_args, lambda a, hs, io: ops.run_tests(hs, a.service)),
+    Command("backup", "dump the database on the db host, verify it, pull it to backups/ENV/",
+            _backup_args, lambda a, hs, io: ops.backup(hs, keep=a.keep, out=io.stdout) and None),
+    Command("restore", "restore the newest verified backup (or --file) into the database",
+            _restore_args, lambda a, hs, io: ops.restore(hs, file=a.file, yes=a.yes, allow_other_env=a.allow_other_env,
+                                                        stdin=io.stdin, out=io.stdout, err=io.stderr)),
 ]}
 
 
@@ -160,7 +185,8 @@ def help_text(path) -> str:
               "  --dry-run     print the remote commands and transfers per host; connect to nothing",
               "  -v, --verbose show remote commands, and tracebacks on errors",
               "", "exit codes: 0 ok; 1 a remote command failed; 2 usage or inventory error;",
-              "            3 connection, authentication or host-key failure; 130 interrupted",
+              "            3 connection, authentication or host-key failure;",
+              "            75 another backup/restore of the environment is running (try later); 130 interrupted",
               "", "`deploy ENV COMMAND --help` describes a command."]
     return "\n".join(lines) + "\n"
 
@@ -211,7 +237,11 @@ def _dispatch(argv: list[str], io: IO3, state: dict) -> int:
         path = inv.resolve_path(args.hosts)
     env = inv.load(path).environment(env_name)
     hosts = sessions(env, dry_run=args.dry_run, verbose=args.verbose, out=io.stdout, err=io.stderr)
-    status = cmd.run(args, hosts, io)
+    try:
+        status = cmd.run(args, hosts, io)
+    finally:
+        for hs in hosts:
+            hs.close()
     return int(status or 0)
 
 

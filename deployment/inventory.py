@@ -30,7 +30,7 @@ ROLE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 # Keys that `defaults` may set and any environment may override.
 SHARED_KEYS = {"user", "port", "remote_dir", "ssh_config", "known_hosts",
                "connect_timeout", "command_timeout", "backup"}
-ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected", "app_service"}
+ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected", "app_service", "db_service"}
 TOP_KEYS = {"project", "defaults", "environments"}
 BACKUP_KEYS = {"dir", "keep"}
 
@@ -66,6 +66,7 @@ class Environment:
     backup_dir: Path = Path("backups")
     backup_keep: int = 14
     app_service: str | None = None
+    db_service: str = "db"
     inventory_path: Path = Path()
 
     @property
@@ -265,6 +266,7 @@ class _Validator:
             backup_dir=backup_dir, backup_keep=keep, inventory_path=self.path,
             app_service=(self.string(spec["app_service"], f"{where}.app_service", SERVICE_RE, "service name")
                          if "app_service" in spec else None),
+            db_service=self.string(spec.get("db_service", "db"), f"{where}.db_service", SERVICE_RE, "service name"),
         )
 
     def hosts(self, value: Any, where: str) -> tuple[Host, ...]:

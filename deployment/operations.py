@@ -7,10 +7,15 @@ DeployError subclasses on failure.
 from __future__ import annotations
 
 import json
+import secrets
 import sys
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import IO
 
+from . import backup as bk
 from . import release as rel
 from .commands import Compose, check_services
 from .errors import ConnectError, DeployError, ExitStatus, RemoteError, UsageError
@@ -321,11 +326,15 @@ def _prepare_one_off(hs: HostSession, release: rel.Release, service: str):
     return deployed, compose
 
 
-def migrate(hosts: list[HostSession], plan: bool = False) -> None:
+def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = False) -> None:
     env = hosts[0].env
     service = app_service(env)
     hs = one_off_host(hosts)
     release = rel.build(env)
+    if env.protected and not plan and not no_backup:
+        # A migration can destroy data no rollback brings back: keep a verified copy first.
+        hs.say(f"{env.name} is protected: taking a verified backup before migrating (--no-backup skips it)")
+        backup(hosts)
 
     def step(hs: HostSession) -> None:
         _, compose = _prepare_one_off(hs, release, service)
@@ -381,3 +390,119 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
 
     fan_out([hs], step)
     return 0
+
+
+# --- backup and restore -----------------------------------------------------------------
+
+RESOLVE_BACKUP_DIR = ('case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
+                      'mkdir -p "$d/backups" && cd "$d/backups" && pwd -P')
+
+
+def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | None = None) -> Path | None:
+    """Dump on the db host, verify there, pull back, verify here, then apply retention."""
+    env = hosts[0].env
+    hs = one_off_host(hosts)
+    report = bk.Reporter(out or sys.stdout)
+    if hs.dry_run:
+        name = bk.backup_name(env, bk.utc_stamp())
+        hs.runner.run(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, name))
+        hs.runner.run(["cat", "--", f"{env.env_dir}/backups/{name}"])
+        hs.say(f"pull -> {env.backup_dir / name} (.part, fsync, sha256 check, then rename) and a manifest")
+        hs.runner.run(bk.prune_argv(env.env_dir, keep or env.backup_keep))
+        return None
+    with bk.EnvLock(env.backup_dir, env.name):
+        return _backup_locked(hs, env, keep or env.backup_keep, report)
+
+
+def _backup_locked(hs: HostSession, env: Environment, keep: int, report: "bk.Reporter") -> Path:
+    created = datetime.now(timezone.utc)
+    directory = env.backup_dir
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    final = directory / bk.backup_name(env, bk.utc_stamp(created))
+    n = 1
+    while final.exists():
+        n += 1
+        final = directory / bk.backup_name(env, f"{bk.utc_stamp(created)}-{n}")
+    report.line(f"backup {env.name}: dumping the {env.db_service} service's database on {hs.name}")
+    res = hs.runner.run(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, final.name),
+                        echo=False, check=False, what="backup")
+    if res.exited != 0:
+        raise RemoteError(f"{hs.name}: backup failed (exit {res.exited}): {_last_line(res.stderr) or _last_line(res.stdout)}; "
+                          "no backup was kept")
+    facts = bk.parse_facts(res.stdout)
+    size, sha = int(facts["size"]), facts["sha256"]
+    report.line(f"dump verified on the host (full pg_restore read): {bk.human(size)}, sha256 {sha[:16]}; pulling")
+    bk.pull(hs.runner, facts["path"], size, sha, final, report)
+    manifest = bk.manifest_for(env, hs.name, facts, created)
+    manifest["file"] = final.name
+    bk.write_manifest(final, manifest)
+    report.line(f"backup {env.name}: {final} ({bk.human(size)}, sha256 {sha}) verified")
+    # Retention only now that the new backup is known good.
+    removed = bk.prune_local(directory, env, keep)
+    pruned = hs.runner.run(bk.prune_argv(env.env_dir, keep), echo=False, check=False, what="pruning")
+    remote_removed = pruned.stdout.split()
+    if removed or remote_removed:
+        report.line(f"retention (keep {keep}): removed {len(removed)} local and {len(remote_removed)} remote old backups")
+    return final
+
+
+def restore(hosts: list[HostSession], file: str | None = None, yes: bool = False, allow_other_env: bool = False,
+            stdin: IO[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> None:
+    env = hosts[0].env
+    hs = one_off_host(hosts)
+    report = bk.Reporter(out or sys.stdout)
+    with bk.EnvLock(env.backup_dir, env.name):
+        _restore_locked(hs, env, file, yes, allow_other_env, stdin, err, report)
+
+
+def _restore_locked(hs, env, file, yes, allow_other_env, stdin, err, report) -> None:
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise UsageError(f"{path}: no such backup file")
+    else:
+        found = bk.local_backups(env.backup_dir, env)
+        if not found:
+            raise DeployError(f"no verified backup of '{env.name}' in {env.backup_dir}",
+                              hint=f"take one with `deploy {env.name} backup`, or pass --file PATH")
+        path = found[0]
+    expected, manifest = bk.read_checksum(path)
+    actual = bk.file_sha256(path)
+    if expected is not None and actual != expected:
+        raise DeployError(f"{path}: checksum mismatch (sha256 {actual[:16]}…, expected {expected[:16]}…): "
+                          "the file is damaged; refusing to restore it, the database was not touched")
+    source_env = manifest.get("environment")
+    if source_env and source_env != env.name and env.protected and not allow_other_env:
+        raise UsageError(f"{path} is a backup of '{source_env}', not of '{env.name}'; refusing to restore it "
+                         f"into protected '{env.name}'", hint="pass --allow-other-env if that is really meant")
+    if env.protected and not hs.dry_run:
+        confirm(env.name, f"REPLACE the database of {env.name} with {path.name}", yes=yes, stdin=stdin, out=err)
+    report.line(f"restore {env.name}: {path} ({bk.human(path.stat().st_size)}, sha256 "
+                f"{'verified' if expected else 'not recorded; pg_restore will read it in full first'})")
+    if hs.dry_run:
+        hs.runner.run(bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual,
+                                      f"{env.env_dir}/backups/.restore-XXXX.dump"))
+        return
+    if env.protected:
+        safety = _backup_locked(hs, env, max(env.backup_keep, 2), report)
+        report.line(f"safety backup of the current data: {safety}")
+    remote_dir = hs.runner.run(["sh", "-c", RESOLVE_BACKUP_DIR, "deploy-dir", env.env_dir], echo=False,
+                               what="preparing the upload").stdout.strip()
+    remote_file = f"{remote_dir}/.restore-{secrets.token_hex(4)}.dump"
+    size = path.stat().st_size
+    started = time.monotonic()
+    hs.runner.put_file(str(path), remote_file, progress=lambda done: report.progress(done, size, started))
+    report.progress(size, size, started, final=True)
+    res = hs.runner.run(bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual, remote_file),
+                        echo=False, check=False, what="restore")
+    if res.exited != 0:
+        detail = _last_line(res.stderr) or _last_line(res.stdout)
+        if "restoring in one transaction" in res.stderr:
+            detail += "; the transaction was rolled back, the database is as it was"
+        elif "not touched" not in detail:
+            detail += "; the database was not touched"
+        raise RemoteError(f"{hs.name}: restore failed (exit {res.exited}): {detail}")
+    tables = [line.split()[1:] for line in res.stdout.splitlines() if line.startswith("table ")]
+    report.line(f"restored {path.name} into {env.name} ({env.compose_project} on {hs.name}): {len(tables)} tables")
+    for name, count in tables:
+        report.line(f"  {name}: {count} rows")
