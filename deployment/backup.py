@@ -168,9 +168,9 @@ def human(n: float) -> str:
 class EnvLock:
     """One backup or restore per environment at a time, on this machine (cron overlap)."""
 
-    def __init__(self, directory: Path, env: str):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f".{env}.lock"
+    def __init__(self, directory: Path, name: str):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = directory / f".{name}.lock"
         self.fh = None
 
     def __enter__(self):
@@ -257,9 +257,13 @@ def write_manifest(dump: Path, manifest: dict) -> Path:
 
 def local_backups(directory: Path, env: Environment) -> list[Path]:
     """This environment's verified local backups (a manifest beside each), newest first."""
-    pattern = re.compile(rf"^{re.escape(env.project)}-{re.escape(env.name)}-\d{{8}}T\d{{6}}Z(-\d+)?{SUFFIX}$")
-    found = [p for p in directory.glob(f"*{SUFFIX}") if pattern.match(p.name) and p.with_suffix(".json").is_file()]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    pattern = re.compile(rf"^{re.escape(env.project)}-{re.escape(env.name)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?{SUFFIX}$")
+    found = []
+    for p in directory.glob(f"*{SUFFIX}"):
+        m = pattern.match(p.name)
+        if m and p.with_suffix(".json").is_file():
+            found.append(((m.group(1), int(m.group(2) or 1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def prune_local(directory: Path, env: Environment, keep: int) -> list[Path]:

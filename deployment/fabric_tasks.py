@@ -46,6 +46,6 @@ def run(c, operation, env_name: str | None = None, **kwargs) -> None:
         raise Exit(msg, code=int(exc.status)) from None
     except KeyboardInterrupt:
         raise Exit("deploy: interrupted", code=int(ExitStatus.INTERRUPTED)) from None
-    if status:
+    if isinstance(status, int) and status:   # status() returns an exit code; others return results
         sys.stdout.flush()
         raise Exit(code=int(status))

@@ -410,7 +410,7 @@ def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | Non
         hs.say(f"pull -> {env.backup_dir / name} (.part, fsync, sha256 check, then rename) and a manifest")
         hs.runner.run(bk.prune_argv(env.env_dir, keep or env.backup_keep))
         return None
-    with bk.EnvLock(env.backup_dir, env.name):
+    with bk.EnvLock(env.backup_dir, env.compose_project):
         return _backup_locked(hs, env, keep or env.backup_keep, report)
 
 
@@ -451,7 +451,7 @@ def restore(hosts: list[HostSession], file: str | None = None, yes: bool = False
     env = hosts[0].env
     hs = one_off_host(hosts)
     report = bk.Reporter(out or sys.stdout)
-    with bk.EnvLock(env.backup_dir, env.name):
+    with bk.EnvLock(env.backup_dir, env.compose_project):
         _restore_locked(hs, env, file, yes, allow_other_env, stdin, err, report)
 
 

@@ -119,7 +119,7 @@ def make_inventory(world, tmp_path):
 
 def cleanup_project(project: str, remote: Path) -> None:
     """Remove whatever a test's projects left on the shared engine and filesystem."""
-    for env in ("dev", "staging", "prod", "multi", "two"):
+    for env in ("dev", "staging", "prod", "two", "slow"):
         name = f"{project}-{env}"
         docker("compose", "-p", name, "down", "--volumes", "--remove-orphans", "--timeout", "2", check=False)
         # By tag, never by id: projects built from the same content share image ids.
@@ -168,9 +168,11 @@ DEPLOY = [sys.executable, str(REPO / "deployment" / "deploy.py")]
 
 
 def deploy(hosts: Path, *args: str, timeout: float = 600, env: dict | None = None) -> Run:
-    """The CLI as an operator runs it: a process, no TTY, no stdin."""
+    """The CLI as an operator runs it: a process, no TTY, no stdin. It runs in the
+    inventory's directory, so default backup directories stay in the test's tmp_path."""
     res = subprocess.run([*DEPLOY, "--hosts", str(hosts), *args], capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=timeout, env={**os.environ, **(env or {})})
+                         stdin=subprocess.DEVNULL, timeout=timeout, env={**os.environ, **(env or {})},
+                         cwd=hosts.parent)
     return Run(res.returncode, res.stdout, res.stderr)
 
 
@@ -179,7 +181,7 @@ def deploy_until(hosts: Path, args: list[str], ready, timeout: float = 300) -> t
 
     Returns the result and how long the process took to exit after the interrupt."""
     proc = subprocess.Popen([*DEPLOY, "--hosts", str(hosts), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=hosts.parent)
     deadline = time.monotonic() + timeout
     try:
         while not ready():

@@ -43,6 +43,16 @@ SSH_PORT = 2222
 NAMED_HOSTS = {"dev-host": "127.0.0.11", "staging-host": "127.0.0.12", "prod-host": "127.0.0.13"}
 EXTRA_HOSTS = int(os.environ.get("TESTBED_EXTRA_HOSTS", "2"))
 
+# slow-host: an sshd in a network namespace behind a veth pair whose host-to-operator
+# direction is throttled, so that "the connection dies in the middle of a transfer" can
+# be made to happen deterministically in tests.
+SLOW_NS = "dtb-slow"
+SLOW_VETH = ("dtbslow0", "dtbslow1")
+SLOW_NET = ("10.231.0.1", "10.231.0.2")
+SLOW_RATE = os.environ.get("TESTBED_SLOW_RATE", "40mbit")
+# Aliases that reach a host through another one (ProxyJump), host keys checked on both.
+JUMP_ALIASES = {"staging-via-dev": ("staging-host", "dev-host")}
+
 
 def log(msg: str) -> None:
     print(f"testbed: {msg}", file=sys.stderr, flush=True)
@@ -61,7 +71,24 @@ def hosts() -> dict[str, str]:
     out = dict(NAMED_HOSTS)
     for i in range(1, EXTRA_HOSTS + 1):
         out[f"extra-host-{i}"] = f"127.0.1.{i}"
+    out["slow-host"] = SLOW_NET[1]
     return out
+
+
+def ensure_slow_link() -> None:
+    """The namespace, the veth pair and the throttle behind slow-host (idempotent)."""
+    if SLOW_NS not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        run(["ip", "netns", "add", SLOW_NS])
+    if not ok(["ip", "link", "show", SLOW_VETH[0]]):
+        run(["ip", "link", "add", SLOW_VETH[0], "type", "veth", "peer", "name", SLOW_VETH[1], "netns", SLOW_NS])
+        run(["ip", "addr", "add", f"{SLOW_NET[0]}/30", "dev", SLOW_VETH[0]])
+        run(["ip", "link", "set", SLOW_VETH[0], "up"])
+        ns = ["ip", "netns", "exec", SLOW_NS]
+        run(ns + ["ip", "addr", "add", f"{SLOW_NET[1]}/30", "dev", SLOW_VETH[1]])
+        run(ns + ["ip", "link", "set", SLOW_VETH[1], "up"])
+        run(ns + ["ip", "link", "set", "lo", "up"])
+        run(ns + ["tc", "qdisc", "add", "dev", SLOW_VETH[1], "root", "tbf", "rate", SLOW_RATE,
+                  "burst", "64kb", "latency", "400ms"])
 
 
 # --- packages ---------------------------------------------------------------------------
@@ -229,7 +256,8 @@ def ensure_sshd(name: str, addr: str) -> None:
         os.kill(pid, signal.SIGTERM)
         time.sleep(0.2)
     Path("/run/sshd").mkdir(exist_ok=True)
-    run(["/usr/sbin/sshd", "-f", str(cfg), "-E", str(hdir / "sshd.log")])
+    netns = ["ip", "netns", "exec", SLOW_NS] if addr == SLOW_NET[1] else []
+    run(netns + ["/usr/sbin/sshd", "-f", str(cfg), "-E", str(hdir / "sshd.log")])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -253,6 +281,10 @@ def write_client_files(world: dict[str, str]) -> None:
                    f"  UserKnownHostsFile {STATE / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
         pub = (STATE / "hosts" / name / "ssh_host_ed25519_key.pub").read_text().split()
         known.append(f"[{addr}]:{SSH_PORT} {pub[0]} {pub[1]}")
+    for alias, (target, jump) in JUMP_ALIASES.items():
+        cfg.append(f"Host {alias}\n  HostName {world[target]}\n  Port {SSH_PORT}\n  User {SSH_USER}\n"
+                   f"  ProxyJump {jump}\n  IdentityFile {STATE / 'id_ed25519'}\n  IdentitiesOnly yes\n"
+                   f"  UserKnownHostsFile {STATE / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
     (STATE / "ssh_config").write_text("\n".join(cfg))
     (STATE / "known_hosts").write_text("\n".join(known) + "\n")
 
@@ -266,6 +298,8 @@ def describe(world: dict[str, str]) -> dict:
         "user": SSH_USER,
         "port": SSH_PORT,
         "hosts": world,
+        "slow_host": {"name": "slow-host", "rate": SLOW_RATE},
+        "jump_aliases": {a: {"target": t, "jump": j} for a, (t, j) in JUMP_ALIASES.items()},
         "remote_root": str(STATE / "remote"),
         "images": {"POSTGRES_IMAGE": POSTGRES_IMAGE, "APP_BASE_IMAGE": BASE_IMAGE},
     }
@@ -315,6 +349,7 @@ def up() -> dict:
     ensure_postgres_image()
     ensure_user()
     ensure_remote_root()
+    ensure_slow_link()
     world = hosts()
     for name, addr in world.items():
         ensure_sshd(name, addr)
@@ -330,6 +365,9 @@ def down() -> None:
     for pidfile in sorted(STATE.glob("hosts/*/sshd.pid")):
         stop(pidfile, "sshd")
     stop(STATE / "dockerd.pid", "dockerd")
+    if SLOW_NS in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        log(f"removing network namespace {SLOW_NS}")
+        run(["ip", "netns", "delete", SLOW_NS])
 
 
 def stop(pidfile: Path, name: str) -> None:
