@@ -326,6 +326,13 @@ def _prepare_one_off(hs: HostSession, release: rel.Release, service: str):
     return deployed, compose
 
 
+def _one_off_failure(hs: HostSession, res, script: str, service: str, what: str) -> RemoteError:
+    output = res.stdout + res.stderr
+    if "can't open file" in output and script in output:
+        return RemoteError(f"{hs.name}: {script} is not in the image of service '{service}'; nothing changed")
+    return RemoteError(f"{hs.name}: {what} (exit {res.exited}): {_last_line(res.stderr) or _last_line(res.stdout)}")
+
+
 def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = False) -> None:
     env = hosts[0].env
     service = app_service(env)
@@ -342,11 +349,7 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
         res = hs.runner.run(compose.run(service, argv), check=False, what="migrate.py")
         if res.exited == 0 or hs.dry_run:
             return
-        output = res.stdout + res.stderr
-        if "can't open file" in output and "migrate.py" in output:
-            raise RemoteError(f"{hs.name}: migrate.py is not in the image of service '{service}'; nothing changed")
-        raise RemoteError(f"{hs.name}: migration failed (exit {res.exited}): "
-                          f"{_last_line(res.stderr) or _last_line(res.stdout)}")
+        raise _one_off_failure(hs, res, "migrate.py", service, "migration failed")
 
     fan_out([hs], step)
 
@@ -356,7 +359,7 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
     if service:
         validate_services(env, [service])
     app = app_service(env)
-    hs = hosts[0] if len(hosts) == 1 else one_off_host(hosts)
+    hs = one_off_host(hosts)
     release = rel.build(env)
 
     def step(hs: HostSession) -> int:
@@ -382,11 +385,7 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
             raise RemoteError(f"{hs.name}: tests failed: {_last_line(res.stdout)}")
         if res.exited == 2 and "no " in res.stderr and "tests for service" in res.stderr:
             raise UsageError(f"{hs.name}: {_last_line(res.stderr).removeprefix('run_tests: ')}")
-        output = res.stdout + res.stderr
-        if "can't open file" in output and "run_tests.py" in output:
-            raise RemoteError(f"{hs.name}: run_tests.py is not in the image of service '{app}'")
-        raise RemoteError(f"{hs.name}: run_tests.py failed (exit {res.exited}): "
-                          f"{_last_line(res.stderr) or _last_line(res.stdout)}")
+        raise _one_off_failure(hs, res, "run_tests.py", app, "run_tests.py failed")
 
     fan_out([hs], step)
     return 0
