@@ -47,5 +47,10 @@ demo: venv testbed
 	DEPLOY_HOSTS=$(TESTBED_DIR)/hosts.yaml $(PY) deployment/deploy.py dev up -d --build
 	DEPLOY_HOSTS=$(TESTBED_DIR)/hosts.yaml $(PY) deployment/deploy.py dev status
 
+# Benchmarks against plain OpenSSH, Docker over ssh:// and Ansible; never part of `make test`.
+bench: venv
+	TESTBED_EXTRA_HOSTS=16 $(PYTHON) tests/testbed/testbed.py up > /dev/null
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -21,7 +21,7 @@ from .commands import Compose, check_services
 from .errors import ConnectError, DeployError, ExitStatus, RemoteError, UsageError
 from .inventory import Environment
 from .session import HostSession, fan_out
-from .sync import mark_built
+from .sync import mark_built, mark_up
 from .ui import confirm
 
 # Compose commands that work by project label run from "/", so that a compose file in
@@ -56,7 +56,12 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
     has_builds = _has_builds(env)
 
     def step(hs: HostSession) -> None:
-        deployed = hs.sync(release)
+        whole_stack = detach and not services and not build
+        deployed = hs.sync(release, with_ps=whole_stack)
+        if whole_stack and deployed.unchanged_and_healthy():
+            # Nothing to upload, build or restart: say so instead of asking compose.
+            hs.say(f"{env.compose_project}: release {release.id} already up and healthy; nothing to do")
+            return
         compose = hs.compose(deployed)
         # A release whose images were never built must not run on images of an older one.
         rebuild = build or (has_builds and not deployed.built)
@@ -76,6 +81,8 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
             _explain_failed_start(hs, compose, res)
         if rebuild and not services:
             mark_built(hs.runner, deployed)
+        if not services:
+            mark_up(hs.runner, deployed, env.compose_project)
         hs.say(f"{env.compose_project}: services up and healthy")
 
     fan_out(hosts, step)

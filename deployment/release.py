@@ -203,7 +203,17 @@ PREPARE_SCRIPT = _EXPAND + (
     'if [ -f "releases/$2/.release-complete" ]; then '
     '  ln -sfn "releases/$2" ".current.$$" && mv -T ".current.$$" current; '
     '  if [ -f "releases/$2/.built" ]; then echo "built $PWD"; else echo "present $PWD"; fi; '
-    'else echo "missing $PWD"; fi'
+    'else echo "missing $PWD"; fi; '
+    # When this release was brought up before ($3: the compose project), also say which
+    # containers that made and what runs now, so `up -d` can see that nothing changed
+    # without another round trip.
+    'if [ -n "${3:-}" ] && [ -f "releases/$2/.up" ]; then '
+    '  echo "up-ids $(cat "releases/$2/.up")"; cd / && docker compose -p "$3" ps --all --format json; fi'
+)
+
+MARK_UP_SCRIPT = _EXPAND + (
+    'ids=$(cd / && docker compose -p "$3" ps --all -q | sort | tr "\\n" " "); '
+    'printf "%s\\n" "$ids" > "$d/releases/$2/.up"'
 )
 
 # Concurrent runs may ship the same release at once: each stages under its own name and
@@ -221,9 +231,15 @@ INSTALL_SCRIPT = _EXPAND + (
 MARK_BUILT_SCRIPT = _EXPAND + 'touch "$d/releases/$2/.built"'
 
 
-def prepare_argv(env_dir: str, release_id: str) -> list[str]:
-    """Switch to the release if the host holds it; print 'built|present|missing <abs env dir>'."""
-    return ["sh", "-c", PREPARE_SCRIPT, "deploy-prepare", env_dir, release_id]
+def prepare_argv(env_dir: str, release_id: str, project: str = "") -> list[str]:
+    """Switch to the release if the host holds it; print 'built|present|missing <abs env dir>',
+    then, with a project and a release brought up before, 'up-ids ...' and `compose ps` JSON."""
+    return ["sh", "-c", PREPARE_SCRIPT, "deploy-prepare", env_dir, release_id, project]
+
+
+def mark_up_argv(env_dir: str, release_id: str, project: str) -> list[str]:
+    """Record the containers that `up -d` of this release left running."""
+    return ["sh", "-c", MARK_UP_SCRIPT, "deploy-mark-up", env_dir, release_id, project]
 
 
 def install_argv(env_dir: str, release: Release, upload: str, keep: int = KEEP_RELEASES) -> list[str]:

@@ -73,7 +73,7 @@ class HostSession:
     def say(self, msg: str) -> None:
         LineWriter(self.out, self.prefix).write(msg + "\n")
 
-    def sync(self, release: rel.Release) -> Deployed:
+    def sync(self, release: rel.Release, with_ps: bool = False) -> Deployed:
         if self.dry_run:
             self.say(f"sync release {release.id} ({len(release.files) + 1} files) to "
                      f"{self.env.env_dir}/releases/{release.id} unless the host has it; "
@@ -81,7 +81,7 @@ class HostSession:
             base = f"{self.env.env_dir}/current"
             return Deployed(self.env.env_dir, release.id, f"{base}/{release.compose_path}",
                             f"{base}/{release.env_path}", uploaded=False)
-        deployed = sync(self.runner, self.env, release)
+        deployed = sync(self.runner, self.env, release, with_ps=with_ps)
         if deployed.uploaded:
             self.say(f"release {release.id} uploaded ({len(release.files) + 1} files)")
         elif self.verbose:
