@@ -18,8 +18,10 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -200,21 +202,45 @@ class Pulled:
 
 
 def pull(runner, remote_path: str, size: int, sha256: str, final: Path, report: Reporter) -> Pulled:
-    """Stream remote_path into final: .part, fsync, checksum, then link (never overwrite)."""
+    """Stream remote_path into final: .part, fsync, checksum, then link (never overwrite).
+
+    Hashing and writing run in a second thread, fed through a small bounded queue, so
+    that they overlap with receiving and memory stays flat whatever the size."""
     part = final.with_name(f".{final.name}.{secrets.token_hex(4)}.part")
     digest = hashlib.sha256()
     received = 0
     started = time.monotonic()
+    chunks: queue.Queue = queue.Queue(maxsize=8)
+    failure: list[BaseException] = []
+
     try:
         # Backups hold all the data: readable by the operator only.
         with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            def writer() -> None:
+                try:
+                    while (chunk := chunks.get()) is not None:
+                        digest.update(chunk)
+                        fh.write(chunk)
+                except BaseException as exc:  # reported by the receiving thread
+                    failure.append(exc)
+                    while chunks.get() is not None:
+                        pass
+
+            thread = threading.Thread(target=writer, daemon=True)
+            thread.start()
+
             def sink(chunk: bytes) -> None:
                 nonlocal received
-                fh.write(chunk)
-                digest.update(chunk)
+                chunks.put(chunk)
                 received += len(chunk)
                 report.progress(received, size, started)
-            runner.stream_out(["cat", "--", remote_path], sink, what="pulling the backup")
+            try:
+                runner.stream_out(["cat", "--", remote_path], sink, what="pulling the backup")
+            finally:
+                chunks.put(None)
+                thread.join()
+            if failure:
+                raise DeployError(f"writing {part} failed: {failure[0]}")
             fh.flush()
             os.fsync(fh.fileno())
         report.progress(received, size, started, final=True)

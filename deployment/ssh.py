@@ -29,6 +29,16 @@ SYSTEM_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
 KEEPALIVE_SECONDS = 15
 
 
+class _Transport(paramiko.Transport):
+    """paramiko's transport preferring AES-GCM: one C call per packet instead of a
+    cipher pass plus a separate HMAC pass in paramiko's Python packetizer, which roughly
+    doubles bulk throughput (backup pulls, restore pushes). Every other cipher stays
+    available, in paramiko's order, for servers without GCM."""
+
+    _preferred_ciphers = tuple(c for c in paramiko.Transport._preferred_ciphers if "gcm" in c) + \
+        tuple(c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c)
+
+
 @dataclass(frozen=True)
 class SSHPolicy:
     ssh_config: Path | None = None
@@ -77,6 +87,7 @@ def _harden(conn: fabric.Connection, policy: SSHPolicy) -> None:
     conn.connect_kwargs.setdefault("banner_timeout", timeout)
     conn.connect_kwargs.setdefault("auth_timeout", timeout)
     conn.connect_kwargs.setdefault("channel_timeout", timeout)
+    conn.connect_kwargs.setdefault("transport_factory", _Transport)
     if isinstance(conn.gateway, fabric.Connection):
         _harden(conn.gateway, policy)
 
