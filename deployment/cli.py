@@ -216,7 +216,7 @@ def _dispatch(argv: list[str], io: IO3, state: dict) -> int:
     env_name, cmd_name = pos
     if cmd_name not in COMMANDS:
         if env_name in COMMANDS and cmd_name in _env_names(path):
-            raise UsageError(f"the environment comes first", hint=f"deploy {cmd_name} {env_name}")
+            raise UsageError("the environment comes first", hint=f"deploy {cmd_name} {env_name}")
         raise UsageError(f"unknown command '{cmd_name}' for environment '{env_name}' "
                          f"(commands: {', '.join(COMMANDS)})", hint="usage: deploy ENV COMMAND [ARGS]")
     cmd = COMMANDS[cmd_name]

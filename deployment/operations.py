@@ -18,7 +18,7 @@ from typing import IO
 from . import backup as bk
 from . import release as rel
 from .commands import Compose, check_services
-from .errors import ConnectError, DeployError, ExitStatus, RemoteError, UsageError
+from .errors import DeployError, ExitStatus, RemoteError, UsageError
 from .inventory import Environment
 from .session import HostSession, fan_out
 from .sync import mark_built, mark_up

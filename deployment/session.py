@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Callable
@@ -141,13 +140,11 @@ def fan_out(hosts: list[HostSession], step: Callable[[HostSession], object],
         finally:
             hs.close()
 
-    interrupted = threading.Event()
     with ThreadPoolExecutor(max_workers=min(len(hosts), 32)) as pool:
         futures = [pool.submit(one, hs) for hs in hosts]
         try:
             outcomes = [f.result() for f in futures]
         except KeyboardInterrupt:
-            interrupted.set()
             for hs in hosts:
                 hs.close()
             raise

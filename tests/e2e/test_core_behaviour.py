@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import (REPO, all_healthy, containers, deploy, deploy_until, stack_variables)
+from tests.conftest import REPO, containers, deploy, deploy_until, stack_variables
 
 BLACKHOLE = "127.0.1.78"   # iptables drops it: a connect times out instead of being refused
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, all_healthy, deploy, docker
+from tests.conftest import REPO, deploy, docker
 
 ENVS = ["dev", "staging", "prod"]
 MIGRATIONS = ["0001_create_items", "0002_create_worker_heartbeats", "0003_index_items_created_at"]
@@ -81,7 +81,6 @@ def test_spec_row(stack, env, row):
     _, args, given, expect = row
     s = stack(env)
     given(s)
-    before = s.snapshot()
     r = s.deploy(*args)
     assert r.code == 0, r.text
     if expect == "migrated":
