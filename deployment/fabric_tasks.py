@@ -1,8 +1,8 @@
 """Glue for `fab -H HOST TASK`: find HOST's environment in the inventory and run the same
 operation as `deploy ENV TASK`, on that host only, through our own connection factory.
 
-Fabric hands each task a Connection built with its defaults (AutoAddPolicy, no
-known_hosts). It is never opened: the host name is all we take from it.
+Fabric hands each task a Connection built with its defaults (unknown host keys
+accepted, no known_hosts). It is never opened: the host name is all we take from it.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Policy, in one place:
 - host keys are verified: paramiko's RejectPolicy against the inventory's known_hosts,
   ssh_config's UserKnownHostsFile and the system file; unknown or changed keys are
-  refused. Fabric's own default (AutoAddPolicy, no known_hosts) is overridden, for
+  refused. Fabric's own default (accept and add unknown keys, no known_hosts) is overridden, for
   ProxyJump hops too;
 - ssh_config is honoured (HostName, User, Port, IdentityFile, ProxyJump, ...);
 - connect, banner, auth and channel timeouts, and a keepalive once connected;

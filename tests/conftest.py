@@ -176,6 +176,14 @@ def deploy(hosts: Path, *args: str, timeout: float = 600, env: dict | None = Non
     return Run(res.returncode, res.stdout, res.stderr)
 
 
+def fab(hosts: Path, *args: str, timeout: float = 300) -> Run:
+    """`fab` as an operator runs it from the repository root, with the test's inventory."""
+    res = subprocess.run([str(Path(sys.executable).with_name("fab")), *args], capture_output=True, text=True,
+                         cwd=REPO, stdin=subprocess.DEVNULL, timeout=timeout,
+                         env={**os.environ, "DEPLOY_HOSTS": str(hosts)})
+    return Run(res.returncode, res.stdout, res.stderr)
+
+
 def deploy_until(hosts: Path, args: list[str], ready, timeout: float = 300) -> tuple[Run, float]:
     """Start a long-running command, wait until ready() holds, then press Ctrl+C (SIGINT).
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DEPLOY, REPO, Run, deploy, docker, stack_variables
+from tests.conftest import DEPLOY, REPO, Run, deploy, docker, fab, stack_variables
 
 ENVS = ["dev", "staging", "prod"]
 
@@ -268,18 +267,14 @@ def test_protected_migrate_takes_a_backup_first_unless_no_backup(stack):
 def test_fab_backup_and_restore(stack):
     s = stack("dev").ready()
     s.mark("via-fab")
-    fab = Path(sys.executable).with_name("fab")
-    env = {**os.environ, "DEPLOY_HOSTS": str(s.hosts)}
-    b = subprocess.run([str(fab), "-H", "dev-host", "backup"], cwd=REPO, env=env, capture_output=True, text=True,
-                       stdin=subprocess.DEVNULL, timeout=300)
-    assert b.returncode == 0, b.stdout + b.stderr
+    b = fab(s.hosts, "-H", "dev-host", "backup")
+    assert b.code == 0, b.text
     dumps = list((REPO / "backups" / "dev").glob(f"{s.project}-*.dump"))
     try:
         assert len(dumps) == 1
         s.sql("DELETE FROM items")
-        r = subprocess.run([str(fab), "-H", "dev-host", "restore", "--file", str(dumps[0])], cwd=REPO, env=env,
-                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
+        r = fab(s.hosts, "-H", "dev-host", "restore", "--file", str(dumps[0]))
+        assert r.code == 0, r.text
         assert "via-fab" in s.items()
     finally:
         for p in [*(REPO / "backups" / "dev").glob(f"{s.project}-*"),

@@ -2,9 +2,6 @@
 migrate/test issue adds: idempotence, atomic failure, concurrency, read-only prod tests."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, deploy, docker
+from tests.conftest import deploy, docker, fab
 
 ENVS = ["dev", "staging", "prod"]
 MIGRATIONS = ["0001_create_items", "0002_create_worker_heartbeats", "0003_index_items_created_at"]
@@ -211,11 +208,7 @@ def test_test_when_services_are_not_running_is_a_clear_error(stack):
 
 def test_fab_migrate_and_test(stack):
     s = stack("staging").up()
-    fab = Path(sys.executable).with_name("fab")
-    env = {**os.environ, "DEPLOY_HOSTS": str(s.hosts)}
-    m = subprocess.run([str(fab), "-H", "staging-host", "migrate"], cwd=REPO, env=env, capture_output=True,
-                       text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert m.returncode == 0 and "3 applied" in m.stdout, m.stdout + m.stderr
-    t = subprocess.run([str(fab), "-H", "staging-host", "test", "--service", "db"], cwd=REPO, env=env,
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert t.returncode == 0 and t.stdout.strip().endswith("3 passed, 0 failed"), t.stdout + t.stderr
+    m = fab(s.hosts, "-H", "staging-host", "migrate")
+    assert m.code == 0 and "3 applied" in m.out, m.text
+    t = fab(s.hosts, "-H", "staging-host", "test", "--service", "db")
+    assert t.code == 0 and t.out.strip().endswith("3 passed, 0 failed"), t.text
