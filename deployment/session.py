@@ -32,9 +32,6 @@ class DryRunner:
         self.out.write(f"{self.prefix}$ {command}\n")
         return Result(0, "", "")
 
-    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o600) -> None:
-        self.out.write(f"{self.prefix}put {len(data)} bytes -> {remote_path} (mode {mode:o})\n")
-
 
 @dataclass
 class HostSession:
@@ -65,9 +62,6 @@ class HostSession:
                                           prefix=self.prefix, stdout=self.out, stderr=self.err,
                                           verbose=self.verbose)
         return self._runner
-
-    def connect(self) -> None:
-        self.runner  # noqa: B018 - opening is the point
 
     def say(self, msg: str) -> None:
         LineWriter(self.out, self.prefix).write(msg + "\n")
