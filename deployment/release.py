@@ -43,9 +43,14 @@ class Release:
         return self.compose_path.parent / ENV_FILE_NAME
 
     def tarball(self) -> bytes:
-        """The release as a gzip'd tar, built in memory (mtime fixed: same content, same bytes)."""
+        """The release as a gzip'd tar in memory (for tests and small releases)."""
         buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+        self.write_tarball(buf)
+        return buf.getvalue()
+
+    def write_tarball(self, fileobj) -> None:
+        """Write the release as a gzip'd tar (mtime fixed: same content, same bytes)."""
+        with tarfile.open(fileobj=fileobj, mode="w:gz", compresslevel=6) as tar:
             for rel, local in self.files:
                 info = tar.gettarinfo(str(local), arcname=str(rel))
                 info.uid = info.gid = 0
@@ -60,7 +65,6 @@ class Release:
             info = tarfile.TarInfo(str(self.env_path))
             info.size, info.mode, info.mtime = len(data), 0o600, 0
             tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
 
 
 def dotenv(variables: dict[str, str]) -> str:

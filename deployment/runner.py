@@ -196,12 +196,18 @@ class HostRunner:
             raise RemoteError(f"{self.name}: {what or argv[0]} failed (exit {status})" + (f": {detail}" if detail else ""))
 
     def put_file(self, local_path: str, remote_path: str, progress=None, mode: int = 0o600) -> None:
-        """Upload over SFTP to a path (pipelined writes), calling progress(bytes_done)."""
+        """Upload a local file over SFTP to a path, calling progress(bytes_done)."""
+        with open(local_path, "rb") as src:
+            self.put_fileobj(src, remote_path, progress, mode)
+
+    def put_fileobj(self, src, remote_path: str, progress=None, mode: int = 0o600) -> None:
+        """Upload from a file object over SFTP (pipelined, large requests); memory stays flat."""
         done = 0
+        sftp = None
         try:
             sftp = paramiko.SFTPClient.from_transport(self.conn.transport, window_size=STREAM_WINDOW,
                                                       max_packet_size=STREAM_PACKET)
-            with open(local_path, "rb") as src, sftp.open(remote_path, "wb") as dst:
+            with sftp.open(remote_path, "wb") as dst:
                 dst.MAX_REQUEST_SIZE = SFTP_REQUEST    # sftp-server takes messages up to 256 KiB
                 dst.set_pipelined(True)
                 dst.chmod(mode)
@@ -213,15 +219,8 @@ class HostRunner:
         except (OSError, EOFError, SSHException) as exc:
             raise ConnectError(f"{self.name}: upload to {remote_path} failed: {exc}") from None
         finally:
-            if "sftp" in locals():
+            if sftp is not None:
                 sftp.close()
-
-    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o600) -> None:
-        sftp = self.conn.sftp()
-        with sftp.open(remote_path, "wb") as fh:
-            fh.set_pipelined(True)
-            fh.chmod(mode)
-            fh.write(data)
 
 
 def _last_line(text: str) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import tempfile
 from dataclasses import dataclass
 
 from . import release as rel
@@ -53,7 +54,11 @@ def sync(runner: HostRunner, env: Environment, release: rel.Release, with_ps: bo
     uploaded = False
     if state == "missing":
         upload = rel.upload_path(abs_dir, release.id, secrets.token_hex(4))
-        runner.put_bytes(release.tarball(), upload)
+        # Spooled: small releases stay in memory, large build contexts go to a temp file.
+        with tempfile.SpooledTemporaryFile(max_size=16 << 20) as tarball:
+            release.write_tarball(tarball)
+            tarball.seek(0)
+            runner.put_fileobj(tarball, upload)
         runner.run(rel.install_argv(env.env_dir, release, upload), echo=False, what="installing the release")
         uploaded = True
     compose_file, env_file = current_paths(abs_dir, release)
