@@ -209,6 +209,30 @@ def deploy_until(hosts: Path, args: list[str], ready, timeout: float = 300) -> t
             proc.communicate()
 
 
+class EnvStack:
+    """One environment of a test inventory, driven through the CLI, inspected on the engine."""
+
+    def __init__(self, hosts: Path, env: str):
+        self.hosts, self.env = hosts, env
+        inv = yaml.safe_load(hosts.read_text())
+        self.project = f"{inv['project']}-{env}"
+        self.protected = bool(inv["environments"][env].get("protected"))
+
+    def deploy(self, *args: str) -> Run:
+        return deploy(self.hosts, self.env, *args)
+
+    def up(self) -> "EnvStack":
+        r = self.deploy("up", "-d")
+        assert r.code == 0, r.text
+        return self
+
+    def sql(self, query: str) -> str:
+        return docker("exec", f"{self.project}-db-1", "psql", "-U", "shop", "-d", "shop", "-Atc", query).strip()
+
+    def stop(self, service: str) -> None:
+        docker("stop", f"{self.project}-{service}-1")
+
+
 def containers(project: str) -> dict[str, dict]:
     """service -> {state, health, id, image} for the project's containers on the engine."""
     out = docker("ps", "-a", "--filter", f"label=com.docker.compose.project={project}",

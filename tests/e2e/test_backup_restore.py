@@ -14,32 +14,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DEPLOY, REPO, Run, deploy, docker, fab, stack_variables
+from tests.conftest import DEPLOY, REPO, EnvStack, Run, deploy, fab, stack_variables
 
 ENVS = ["dev", "staging", "prod"]
 
 
-class Stack:
+class Stack(EnvStack):
     def __init__(self, hosts: Path, env: str):
-        self.hosts, self.env = hosts, env
-        inv = yaml.safe_load(hosts.read_text())
-        self.project = f"{inv['project']}-{env}"
-        self.remote = Path(inv["defaults"]["remote_dir"]) / env
-        self.protected = bool(inv["environments"][env].get("protected"))
+        super().__init__(hosts, env)
+        self.remote = Path(yaml.safe_load(hosts.read_text())["defaults"]["remote_dir"]) / env
         self.backups = hosts.parent / "backups" / env
 
-    def deploy(self, *args) -> Run:
-        return deploy(self.hosts, self.env, *args)
-
     def ready(self) -> "Stack":
-        r = self.deploy("up", "-d")
-        assert r.code == 0, r.text
+        self.up()
         r = self.deploy("migrate", *(["--no-backup"] if self.protected else []))
         assert r.code == 0, r.text
         return self
-
-    def sql(self, query: str) -> str:
-        return docker("exec", f"{self.project}-db-1", "psql", "-U", "shop", "-d", "shop", "-Atc", query).strip()
 
     def items(self) -> str:
         return self.sql("SELECT id, name FROM items ORDER BY id")
@@ -238,7 +228,7 @@ def test_keep_2_keeps_exactly_the_two_newest_here_and_on_the_host(stack):
 
 def test_backup_with_the_database_down_fails_and_leaves_nothing(stack):
     s = stack("dev").ready()
-    docker("stop", f"{s.project}-db-1")
+    s.stop("db")
     r = s.deploy("backup")
     assert r.code == 1, r.text
     assert "not running" in r.error and "no backup was kept" in r.error

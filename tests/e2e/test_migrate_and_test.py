@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import deploy, docker, fab
+from tests.conftest import EnvStack, docker, fab
 
 ENVS = ["dev", "staging", "prod"]
 MIGRATIONS = ["0001_create_items", "0002_create_worker_heartbeats", "0003_index_items_created_at"]
 
 
-class Stack:
-    def __init__(self, hosts: Path, env: str):
-        self.hosts, self.env = hosts, env
-        self.project = f"{yaml.safe_load(hosts.read_text())['project']}-{env}"
-
-    def deploy(self, *args):
-        return deploy(self.hosts, self.env, *args)
-
-    def up(self):
-        r = self.deploy("up", "-d")
-        assert r.code == 0, r.text
-        return self
-
-    def sql(self, query: str) -> str:
-        return docker("exec", f"{self.project}-db-1", "psql", "-U", "shop", "-d", "shop", "-Atc", query).strip()
-
+class Stack(EnvStack):
     def applied(self) -> list[str]:
         if self.sql("SELECT to_regclass('schema_migrations') IS NOT NULL") != "t":
             return []
@@ -46,9 +30,6 @@ class Stack:
         # pg_dump 15.14+ brackets its output with \restrict/\unrestrict and a random key.
         schema = "\n".join(ln for ln in schema.splitlines() if not ln.startswith(("\\restrict", "\\unrestrict")))
         return {"counts": counts, "schema": schema}
-
-    def stop(self, service: str):
-        docker("stop", f"{self.project}-{service}-1")
 
 
 @pytest.fixture
