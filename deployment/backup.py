@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from . import __version__
+from .commands import EXPAND_DIR
 from .errors import DeployError, LockedError, RemoteError, UsageError
 from .inventory import Environment
 
@@ -38,8 +39,6 @@ SUFFIX = ".dump"
 
 # --- remote scripts (constants; every value is a positional parameter) -------------------
 
-_EXPAND = 'case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
-
 # The db container: the running container of service $3 in compose project $2.
 _FIND_DB = (
     'c=$(docker ps -q --filter "label=com.docker.compose.project=$2" '
@@ -47,7 +46,7 @@ _FIND_DB = (
     'if [ -z "$c" ]; then echo "the $3 service of $2 is not running" >&2; exit 3; fi; '
 )
 
-DUMP_SCRIPT = _EXPAND + 'set -eu; umask 077; mkdir -p "$d/backups"; ' + _FIND_DB + (
+DUMP_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; mkdir -p "$d/backups"; ' + _FIND_DB + (
     'tmp="/tmp/deploy-backup.$$.dump"; part="$d/backups/.$4.part"; '
     'cleanup() { rm -f "$part"; docker exec "$c" rm -f "$tmp" >/dev/null 2>&1 || true; }; '
     'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
@@ -67,14 +66,14 @@ DUMP_SCRIPT = _EXPAND + 'set -eu; umask 077; mkdir -p "$d/backups"; ' + _FIND_DB
     'echo "path=$d/backups/$4"; echo "sha256=$sha"; echo "size=$size"; echo "database=$db"; echo "version=$ver"'
 )
 
-PRUNE_SCRIPT = _EXPAND + (
+PRUNE_SCRIPT = EXPAND_DIR + (
     'cd "$d/backups" 2>/dev/null || exit 0; '
     'ls -1t -- *' + SUFFIX + ' 2>/dev/null | tail -n +$(( $2 + 1 )) | while read -r f; do rm -f -- "$f"; echo "$f"; done'
 )
 
 # Restore: check the uploaded file's sha256 ($4) on the host, copy it into the db
 # container, read it in full, and only then restore it in one transaction.
-RESTORE_SCRIPT = _EXPAND + 'set -eu; ' + _FIND_DB + (
+RESTORE_SCRIPT = EXPAND_DIR + 'set -eu; ' + _FIND_DB + (
     'f=$5; tmp="/tmp/deploy-restore.$$.dump"; '
     'cleanup() { rm -f "$f"; docker exec "$c" rm -f "$tmp" >/dev/null 2>&1 || true; }; '
     'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
@@ -100,6 +99,14 @@ COUNT_ROWS_SQL = (
     "FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
     "AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
 )
+
+
+RESOLVE_DIR_SCRIPT = EXPAND_DIR + 'mkdir -p "$d/backups" && cd "$d/backups" && pwd -P'
+
+
+def resolve_dir_argv(env_dir: str) -> list[str]:
+    """Create the host's backup directory if needed and print its absolute path."""
+    return ["sh", "-c", RESOLVE_DIR_SCRIPT, "deploy-backup-dir", env_dir]
 
 
 def dump_argv(env_dir: str, project: str, db_service: str, name: str) -> list[str]:

@@ -13,6 +13,10 @@ from .errors import UsageError
 
 SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
+# Remote scripts take the environment's directory as $1; this sets $d to it with a
+# leading "~/" expanded (it arrives quoted, so the shell would not expand it).
+EXPAND_DIR = 'case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
+
 
 def check_services(requested: list[str], known: list[str], compose_file: str) -> list[str]:
     """Refuse anything that is not exactly a service of the compose file."""

@@ -17,9 +17,10 @@ from typing import IO
 
 from . import backup as bk
 from . import release as rel
-from .commands import Compose, check_services
+from .commands import EXPAND_DIR, Compose, check_services
 from .errors import DeployError, ExitStatus, RemoteError, UsageError
 from .inventory import Environment
+from .runner import last_line
 from .session import HostSession, fan_out
 from .sync import mark_built, mark_up
 from .ui import confirm
@@ -102,17 +103,12 @@ def _explain_failed_start(hs: HostSession, compose: Compose, res) -> None:
         svc = c.get("Service", "?")
         hs.say(f"--- {svc}: {c.get('Status') or c.get('State')}; last {FAILED_LOG_LINES} log lines:")
         hs.runner.run(compose.logs([svc], tail=FAILED_LOG_LINES), check=False)
-    detail = _last_line(res.stderr) or _last_line(res.stdout)
+    detail = last_line(res.stderr) or last_line(res.stdout)
     if bad:
         names = ", ".join(f"{c.get('Service')} ({c.get('Status') or c.get('State')})" for c in bad)
         raise RemoteError(f"{hs.name}: services did not become healthy: {names}",
                           hint="their last log lines are shown above")
     raise RemoteError(f"{hs.name}: compose up failed (exit {res.exited})" + (f": {detail}" if detail else ""))
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 # --- down ---------------------------------------------------------------------------------
@@ -250,10 +246,9 @@ def _print_status(r: HostStatus, env: Environment, out: IO[str]) -> None:
 
 # --- check --------------------------------------------------------------------------------
 
-CHECK_SCRIPT = (
+CHECK_SCRIPT = EXPAND_DIR + (
     'echo "docker=$(docker version --format "{{.Server.Version}}" 2>&1 | head -n 1)"; '
     'echo "compose=$(docker compose version --short 2>&1 | head -n 1)"; '
-    'case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
     'while [ ! -d "$d" ]; do d=$(dirname "$d"); done; '
     'echo "disk=$(df -Pk "$d" | awk \'NR==2 {print $4}\') $d"'
 )
@@ -337,7 +332,7 @@ def _one_off_failure(hs: HostSession, res, script: str, service: str, what: str)
     output = res.stdout + res.stderr
     if "can't open file" in output and script in output:
         return RemoteError(f"{hs.name}: {script} is not in the image of service '{service}'; nothing changed")
-    return RemoteError(f"{hs.name}: {what} (exit {res.exited}): {_last_line(res.stderr) or _last_line(res.stdout)}")
+    return RemoteError(f"{hs.name}: {what} (exit {res.exited}): {last_line(res.stderr) or last_line(res.stdout)}")
 
 
 def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = False) -> None:
@@ -389,9 +384,9 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
         if res.exited == 0 or hs.dry_run:
             return 0
         if res.exited == 1:
-            raise RemoteError(f"{hs.name}: tests failed: {_last_line(res.stdout)}")
+            raise RemoteError(f"{hs.name}: tests failed: {last_line(res.stdout)}")
         if res.exited == 2 and "no " in res.stderr and "tests for service" in res.stderr:
-            raise UsageError(f"{hs.name}: {_last_line(res.stderr).removeprefix('run_tests: ')}")
+            raise UsageError(f"{hs.name}: {last_line(res.stderr).removeprefix('run_tests: ')}")
         raise _one_off_failure(hs, res, "run_tests.py", app, "run_tests.py failed")
 
     fan_out([hs], step)
@@ -399,10 +394,6 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
 
 
 # --- backup and restore -----------------------------------------------------------------
-
-RESOLVE_BACKUP_DIR = ('case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
-                      'mkdir -p "$d/backups" && cd "$d/backups" && pwd -P')
-
 
 def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | None = None) -> Path | None:
     """Dump on the db host, verify there, pull back, verify here, then apply retention."""
@@ -433,7 +424,7 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int, report: "bk.Rep
     res = hs.runner.run(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, final.name),
                         echo=False, check=False, what="backup")
     if res.exited != 0:
-        raise RemoteError(f"{hs.name}: backup failed (exit {res.exited}): {_last_line(res.stderr) or _last_line(res.stdout)}; "
+        raise RemoteError(f"{hs.name}: backup failed (exit {res.exited}): {last_line(res.stderr) or last_line(res.stdout)}; "
                           "no backup was kept")
     facts = bk.parse_facts(res.stdout)
     size, sha = int(facts["size"]), facts["sha256"]
@@ -492,7 +483,7 @@ def _restore_locked(hs, env, file, yes, allow_other_env, stdin, err, report) -> 
     if env.protected:
         safety = _backup_locked(hs, env, max(env.backup_keep, 2), report)
         report.line(f"safety backup of the current data: {safety}")
-    remote_dir = hs.runner.run(["sh", "-c", RESOLVE_BACKUP_DIR, "deploy-dir", env.env_dir], echo=False,
+    remote_dir = hs.runner.run(bk.resolve_dir_argv(env.env_dir), echo=False,
                                what="preparing the upload").stdout.strip()
     remote_file = f"{remote_dir}/.restore-{secrets.token_hex(4)}.dump"
     size = path.stat().st_size
@@ -502,7 +493,7 @@ def _restore_locked(hs, env, file, yes, allow_other_env, stdin, err, report) -> 
     res = hs.runner.run(bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual, remote_file),
                         echo=False, check=False, what="restore")
     if res.exited != 0:
-        detail = _last_line(res.stderr) or _last_line(res.stdout)
+        detail = last_line(res.stderr) or last_line(res.stdout)
         if "restoring in one transaction" in res.stderr:
             detail += "; the transaction was rolled back, the database is as it was"
         elif "not touched" not in detail:

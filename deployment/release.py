@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from .commands import EXPAND_DIR
 from .errors import UsageError
 from .inventory import Environment
 
@@ -200,9 +201,7 @@ def build(env: Environment, variables: dict[str, str] | None = None) -> Release:
 # The scripts are constants; every value reaches them as a positional parameter, never
 # spliced into the script text.
 
-_EXPAND = 'case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
-
-PREPARE_SCRIPT = _EXPAND + (
+PREPARE_SCRIPT = EXPAND_DIR + (
     'set -e; mkdir -p "$d/releases" "$d/.incoming"; cd "$d"; '
     'if [ -f "releases/$2/.release-complete" ]; then '
     '  ln -sfn "releases/$2" ".current.$$" && mv -T ".current.$$" current; '
@@ -215,14 +214,14 @@ PREPARE_SCRIPT = _EXPAND + (
     '  echo "up-ids $(cat "releases/$2/.up")"; cd / && docker compose -p "$3" ps --all --format json; fi'
 )
 
-MARK_UP_SCRIPT = _EXPAND + (
+MARK_UP_SCRIPT = EXPAND_DIR + (
     'ids=$(cd / && docker compose -p "$3" ps --all -q | sort | tr "\\n" " "); '
     'printf "%s\\n" "$ids" > "$d/releases/$2/.up"'
 )
 
 # Concurrent runs may ship the same release at once: each stages under its own name and
 # the first rename wins; the loser discards its copy.
-INSTALL_SCRIPT = _EXPAND + (
+INSTALL_SCRIPT = EXPAND_DIR + (
     'set -e; cd "$d"; id=$2; upload=$3; tmp="releases/.$id.$$"; rm -rf "$tmp"; mkdir -p "$tmp"; '
     'tar -xzf "$upload" -C "$tmp"; rm -f "$upload"; chmod 600 "$tmp/$4"; touch "$tmp/.release-complete"; '
     'mv -T "$tmp" "releases/$id" 2>/dev/null || rm -rf "$tmp"; '
@@ -232,7 +231,7 @@ INSTALL_SCRIPT = _EXPAND + (
     '  [ "$old" = "$id" ] || rm -rf "releases/$old"; done'
 )
 
-MARK_BUILT_SCRIPT = _EXPAND + 'touch "$d/releases/$2/.built"'
+MARK_BUILT_SCRIPT = EXPAND_DIR + 'touch "$d/releases/$2/.built"'
 
 
 def prepare_argv(env_dir: str, release_id: str, project: str = "") -> list[str]:

@@ -104,26 +104,28 @@ class HostRunner:
     def run(self, argv: list[str], *, echo: bool = True, check: bool = True, pty: bool = False,
             timeout: float | None = None, what: str | None = None, cwd: str | None = None) -> Result:
         """Run argv; stream its output when echo, always capture it. Raise RemoteError if check and it fails."""
-        command = shlex.join(argv)
-        if cwd:
-            command = f"cd {shlex.quote(cwd)} && {command}"
+        command = command_line(argv, cwd)
         if self.verbose:
             LineWriter(self.stderr, self.prefix).write(f"$ {command}\n")
         if not echo and not pty:
             result = self._capture(command, timeout or self.command_timeout, what or argv[0])
-            if check and not result.ok:
-                detail = _last_line(result.stderr) or _last_line(result.stdout)
-                raise RemoteError(f"{self.name}: {what or shlex.join(argv[:3])} failed (exit {result.exited})"
-                                  + (f": {detail}" if detail else ""))
-            return result
+        else:
+            result = self._stream(command, echo, pty, timeout or self.command_timeout, what or argv[0])
+        if check and not result.ok:
+            detail = last_line(result.stderr) or last_line(result.stdout)
+            raise RemoteError(f"{self.name}: {what or shlex.join(argv[:3])} failed (exit {result.exited})"
+                              + (f": {detail}" if detail else ""))
+        return result
+
+    def _stream(self, command: str, echo: bool, pty: bool, timeout: float | None, what: str) -> Result:
+        """Run through Fabric/invoke, streaming output line by line (and a pty when asked)."""
         out = LineWriter(self.stdout, self.prefix) if echo else None
         err = LineWriter(self.stderr, self.prefix) if echo else None
         try:
             res = self.conn.run(command, warn=True, hide=True, pty=pty, in_stream=False,
-                                out_stream=out, err_stream=err,
-                                timeout=timeout or self.command_timeout)
+                                out_stream=out, err_stream=err, timeout=timeout)
         except CommandTimedOut as exc:
-            raise RemoteError(f"{self.name}: {what or argv[0]} did not finish within {exc.timeout:g} s "
+            raise RemoteError(f"{self.name}: {what} did not finish within {exc.timeout:g} s "
                               "(command timeout)", hint="raise command_timeout in hosts.yaml if it is expected") from None
         except (OSError, EOFError, SSHException) as exc:
             raise ConnectError(f"{self.name}: connection lost: {exc}") from None
@@ -133,12 +135,7 @@ class HostRunner:
                     w.finish()
         if INTERRUPTED.is_set():
             raise KeyboardInterrupt
-        result = Result(res.exited, res.stdout, res.stderr)
-        if check and not result.ok:
-            detail = _last_line(result.stderr) or _last_line(result.stdout)
-            raise RemoteError(f"{self.name}: {what or shlex.join(argv[:3])} failed (exit {result.exited})"
-                              + (f": {detail}" if detail else ""))
-        return result
+        return Result(res.exited, res.stdout, res.stderr)
 
     def _capture(self, command: str, timeout: float | None, what: str) -> Result:
         """Run a command whose output is only captured, straight on a paramiko channel.
@@ -172,7 +169,7 @@ class HostRunner:
 
         An exec channel read in 1 MiB calls moves data at OpenSSH's speed, about twice
         what SFTP reads manage through paramiko."""
-        command = shlex.join(argv)
+        command = command_line(argv)
         if self.verbose:
             LineWriter(self.stderr, self.prefix).write(f"$ {command}\n")
         try:
@@ -192,7 +189,7 @@ class HostRunner:
         except (OSError, EOFError, SSHException) as exc:
             raise ConnectError(f"{self.name}: connection lost during {what or argv[0]}: {exc or type(exc).__name__}") from None
         if status != 0:
-            detail = _last_line(err.decode(errors="replace")) or ("connection closed" if status == -1 else "")
+            detail = last_line(err.decode(errors="replace")) or ("connection closed" if status == -1 else "")
             raise RemoteError(f"{self.name}: {what or argv[0]} failed (exit {status})" + (f": {detail}" if detail else ""))
 
     def put_file(self, local_path: str, remote_path: str, progress=None, mode: int = 0o600) -> None:
@@ -223,6 +220,12 @@ class HostRunner:
                 sftp.close()
 
 
-def _last_line(text: str) -> str:
+def command_line(argv: list[str], cwd: str | None = None) -> str:
+    """The one way an argv becomes the string a host's shell runs."""
+    command = shlex.join(argv)
+    return f"cd {shlex.quote(cwd)} && {command}" if cwd else command
+
+
+def last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""

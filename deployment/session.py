@@ -2,7 +2,6 @@
 and the fan-out that runs a step on several hosts in parallel with prefixed output."""
 from __future__ import annotations
 
-import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,8 +12,8 @@ from . import ssh
 from .commands import Compose
 from .errors import DeployError, ExitStatus
 from .inventory import Environment, Host
-from .runner import HostRunner, LineWriter, Result
-from .sync import Deployed, sync
+from .runner import HostRunner, LineWriter, Result, command_line
+from .sync import Deployed, current_paths, sync
 
 
 class DryRunner:
@@ -26,10 +25,7 @@ class DryRunner:
         self.prefix = prefix
 
     def run(self, argv: list[str], *, cwd: str | None = None, **_) -> Result:
-        command = shlex.join(argv)
-        if cwd:
-            command = f"cd {shlex.quote(cwd)} && {command}"
-        self.out.write(f"{self.prefix}$ {command}\n")
+        self.out.write(f"{self.prefix}$ {command_line(argv, cwd)}\n")
         return Result(0, "", "")
 
 
@@ -71,9 +67,8 @@ class HostSession:
             self.say(f"sync release {release.id} ({len(release.files) + 1} files) to "
                      f"{self.env.env_dir}/releases/{release.id} unless the host has it; "
                      f"switch {self.env.env_dir}/current to it")
-            base = f"{self.env.env_dir}/current"
-            return Deployed(self.env.env_dir, release.id, f"{base}/{release.compose_path}",
-                            f"{base}/{release.env_path}", uploaded=False)
+            return Deployed(self.env.env_dir, release.id, *current_paths(self.env.env_dir, release),
+                            uploaded=False)
         deployed = sync(self.runner, self.env, release, with_ps=with_ps)
         if deployed.uploaded:
             self.say(f"release {release.id} uploaded ({len(release.files) + 1} files)")
