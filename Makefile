@@ -15,6 +15,7 @@ all: test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m compileall -q deployment > /dev/null
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -312,6 +312,10 @@ def main() -> int:
     p.add_argument("--only", nargs="+", choices=["latency", "fanout", "pull", "push", "redeploy", "connections"])
     args = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    # Measure the tool as installed: pip compiles an installed package's bytecode, and a
+    # checkout writes it on first run, unless PYTHONDONTWRITEBYTECODE is set (it is on some
+    # build machines), which would add a recompile of the package to every timed run.
+    sh([PY, "-m", "compileall", "-q", str(REPO / "deployment")])
     w = world()
     bindir = ssh_wrapper(w)
     hosts = inventory(w)

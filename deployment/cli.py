@@ -6,6 +6,7 @@ every failure to an exit code in one place (errors.ExitStatus).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import traceback
 from dataclasses import dataclass
@@ -287,4 +288,16 @@ def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None, stdout:
 
 
 def main_exit() -> None:
-    sys.exit(main())
+    exit_process(main())
+
+
+def exit_process(status: int) -> None:
+    """End the process with `status`, skipping the interpreter's final garbage collection.
+
+    Fabric, paramiko and cryptography leave tens of thousands of objects behind; collecting
+    them at exit costs about 20 ms of every run (a tenth of a one-host `status`), and
+    nothing in them needs finalising: connections are closed and output flushed by now.
+    atexit handlers and buffered files still run and close as usual.
+    """
+    gc.freeze()
+    sys.exit(status)

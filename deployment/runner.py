@@ -4,9 +4,11 @@ The one place where a command is turned into a string (shlex.join) and executed.
 """
 from __future__ import annotations
 
+import collections
 import shlex
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import IO
 
@@ -14,6 +16,7 @@ import fabric
 import fabric.runners
 import paramiko
 from invoke.exceptions import CommandTimedOut
+from paramiko.buffered_pipe import PipeTimeout
 from paramiko.ssh_exception import SSHException
 
 from .errors import ConnectError, RemoteError
@@ -30,6 +33,89 @@ STREAM_WINDOW = 16 << 20
 # the per-packet Python work for the same bytes.
 STREAM_PACKET = 255 << 10
 SFTP_REQUEST = 255 << 10
+
+
+class ChunkBuffer:
+    """Stands in for paramiko's BufferedPipe as a bulk channel's receive buffer.
+
+    BufferedPipe appends every packet to one byte array and, on each read, copies the
+    slice out twice and shifts the rest of the array down: four copies of every byte, and
+    the shift grows with whatever is buffered (up to the 16 MiB window). This keeps the
+    packets' bytes objects as they arrived and hands them out whole: no copy at all.
+    Same interface and locking as BufferedPipe, for the Channel methods that use it.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._event = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._closed = False
+
+    def set_event(self, event) -> None:
+        with self._lock:
+            self._event = event
+            if self._closed or self._size:
+                event.set()
+            else:
+                event.clear()
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            if self._event is not None:
+                self._event.set()
+            self._chunks.append(bytes(data))
+            self._size += len(data)
+            self._cv.notify_all()
+
+    def read_ready(self) -> bool:
+        with self._lock:
+            return self._size > 0
+
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
+        with self._lock:
+            if not self._size:
+                if self._closed:
+                    return b""
+                if timeout == 0.0:
+                    raise PipeTimeout()
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self._size and not self._closed:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise PipeTimeout()
+                    self._cv.wait(left)
+                if not self._size:
+                    return b""
+            chunk = self._chunks.popleft()
+            if len(chunk) > nbytes:
+                self._chunks.appendleft(chunk[nbytes:])
+                chunk = chunk[:nbytes]
+            self._size -= len(chunk)
+            if not self._size and self._event is not None and not self._closed:
+                self._event.clear()
+            return chunk
+
+    def empty(self) -> bytes:
+        with self._lock:
+            out = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            if self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._cv.notify_all()
+            if self._event is not None:
+                self._event.set()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._size
 
 
 class InterruptibleRemote(fabric.runners.Remote):
@@ -174,6 +260,7 @@ class HostRunner:
             LineWriter(self.stderr, self.prefix).write(f"$ {command}\n")
         try:
             chan = self.conn.transport.open_session(window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET)
+            chan.in_buffer = ChunkBuffer()     # before exec: no data can have arrived yet
             chan.settimeout(self.command_timeout)
             chan.exec_command(command)
             while True:
