@@ -45,6 +45,27 @@ def timed(argv, env=None) -> float:
     return dt
 
 
+def machine_busy() -> tuple[float, float]:
+    """(all CPU time, idle CPU time) of the whole machine so far, in seconds."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(fields) / hz, (fields[3] + fields[4]) / hz
+
+
+def timed_cpu(argv, env=None) -> tuple[float, float, float]:
+    """(wall s, the process's own CPU s, the whole machine's busy CPU s) of one run."""
+    total0, idle0 = machine_busy()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t0
+    total1, idle1 = machine_busy()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"bench: {' '.join(map(str, argv))} failed: {proc.stderr.read().decode()[-2000:]}")
+    proc.stderr.close()
+    return dt, usage.ru_utime + usage.ru_stime, (total1 - idle1) - (total0 - idle0)
+
+
 def compare(cases: dict[str, callable], runs: int) -> dict[str, dict]:
     """Run every case once to warm up, then `runs` rounds, interleaved (A B C, A B C, ...)."""
     for fn in cases.values():
@@ -138,10 +159,16 @@ def bench_latency(w, hosts, bindir, runs):
 def bench_fanout(w, hosts, runs):
     extra = sorted((h for h in w["hosts"] if h.startswith("extra-host-")), key=lambda h: int(h.rsplit("-", 1)[1]))
     out = {}
+    cpu = {}
     for n in (1, 4, 16):
         names = extra[:n]
         ansible, aenv = ansible_env(w, names)
         ps = "docker compose -p bench-b1 ps"
+
+        def tool(n=n):
+            wall, own, busy = timed_cpu([*DEPLOY, "--hosts", str(hosts), f"fan{n}", "status"])
+            cpu.setdefault(n, []).append((own, busy, wall))
+            return wall
 
         def serial_ssh(names=names):
             t = 0.0
@@ -150,8 +177,8 @@ def bench_fanout(w, hosts, runs):
             return t
 
         def parallel_ssh(names=names):
-            # The floor on this machine: every "host" shares its two cores, so N remote
-            # compose processes and N sshd handshakes compete whatever the client does.
+            # Every "host" shares this machine's two cores, so N remote compose processes
+            # and N sshd handshakes compete whatever the client does.
             t0 = time.perf_counter()
             procs = [subprocess.Popen(["ssh", "-F", w["ssh_config"], h, ps], stdout=subprocess.DEVNULL,
                                       stdin=subprocess.DEVNULL) for h in names]
@@ -159,21 +186,42 @@ def bench_fanout(w, hosts, runs):
                 raise SystemExit("bench: a parallel ssh failed")
             return time.perf_counter() - t0
 
+        def remote_work_only(n=n):
+            # What the hosts do, without any SSH: N compose processes at once, run here.
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen(["docker", "compose", "-p", "bench-b1", "ps"], stdout=subprocess.DEVNULL,
+                                      stdin=subprocess.DEVNULL) for _ in range(n)]
+            if any(p.wait() for p in procs):
+                raise SystemExit("bench: docker compose ps failed")
+            return time.perf_counter() - t0
+
         cases = {
-            f"deploy.py status ({n} hosts)": lambda n=n: timed([*DEPLOY, "--hosts", str(hosts), f"fan{n}", "status"]),
+            f"deploy.py status ({n} hosts)": tool,
             f"parallel OpenSSH ({n} at once)": parallel_ssh,
             f"ansible forks={n}": lambda names=names, a=ansible, e=aenv, n=n: timed(
                 [*a, "all", "-f", str(n), "-m", "command", "-a", ps], env=e),
             f"serial ssh loop ({n})": serial_ssh,
+            f"no SSH: {n} x compose ps here": remote_work_only,
         }
         out[n] = compare(cases, runs)
+        own, busy, wall = (statistics.median(v) for v in zip(*cpu[n][1:]))   # [0] is the warm-up
+        out[n][f"deploy.py status ({n} hosts)"].update(tool_cpu_s=own, machine_busy_cpu_s=busy)
+        out[n][f"deploy.py status ({n} hosts)"]["extra"] = (
+            f"tool CPU {own:.2f} s, machine busy {busy:.2f} CPU-s = {100 * busy / wall / os.cpu_count():.0f}% "
+            f"of {os.cpu_count()} cores")
         table(f"2. Fan-out: status on {n} host(s)", out[n], f"deploy.py status ({n} hosts)")
     one = out[1]["deploy.py status (1 hosts)"]["median"]
-    sixteen = out[16]["deploy.py status (16 hosts)"]["median"]
-    print(f"  deploy.py: 16 hosts take x{sixteen / one:.2f} the time of 1 host (target <= 1.5)")
+    sixteen = out[16]["deploy.py status (16 hosts)"]
+    print(f"  deploy.py: 16 hosts take x{sixteen['median'] / one:.2f} the time of 1 host (target <= 1.5)")
     p1 = out[1]["parallel OpenSSH (1 at once)"]["median"]
     p16 = out[16]["parallel OpenSSH (16 at once)"]["median"]
-    print(f"  parallel OpenSSH: 16 hosts take x{p16 / p1:.2f} the time of 1 (all hosts share this machine's CPUs)")
+    print(f"  parallel OpenSSH: 16 hosts take x{p16 / p1:.2f} the time of 1")
+    # The hosts are processes on this machine: their CPU time and the tool's add up on
+    # the same cores. Busy CPU-seconds / cores is the shortest the 16-host run could take.
+    floor = sixteen["machine_busy_cpu_s"] / os.cpu_count()
+    print(f"  CPU floor of the 16-host run on this machine: {floor:.2f} s (x{floor / one:.2f} of 1 host); "
+          f"the tool itself used {sixteen['tool_cpu_s']:.2f} of {sixteen['machine_busy_cpu_s']:.2f} busy CPU-s")
+    out["cpu_floor_16_s"] = floor
     return {str(k): v for k, v in out.items()}
 
 

@@ -80,6 +80,27 @@ def test_changed_host_key_is_refused_with_exit_3(world, make_inventory, tmp_path
     assert not remote_dir(hosts).exists()
 
 
+def test_commands_ending_during_a_rekey_do_not_stall_the_connection(make_inventory):
+    """paramiko#822: a channel closing while paramiko re-keys used to stop the connection
+    for 30 s and then fail ("Key-exchange timed out"). Re-keying every 150 kB makes that
+    overlap happen within a few commands; every command must still succeed in full."""
+    from deployment import inventory
+    from deployment.session import sessions
+
+    env = inventory.load(make_inventory()).environment("dev")
+    (hs,) = sessions(env)
+    try:
+        packetizer = hs.runner.conn.transport.packetizer
+        packetizer.REKEY_BYTES = 150_000
+        for _ in range(25):
+            got = []
+            hs.runner.stream_out(["head", "-c", "250000", "/dev/zero"], got.append)
+            res = hs.runner.run(["sh", "-c", "head -c 200000 /dev/zero; echo done >&2"], echo=False)
+            assert sum(map(len, got)) == 250_000 and len(res.stdout) == 200_000 and res.stderr == "done\n"
+    finally:
+        hs.close()
+
+
 def test_unreachable_host_fails_within_the_connect_timeout(world, make_inventory):
     hosts = make_inventory(connect_timeout=2)
     edit_inventory(hosts, lambda d: d["environments"]["dev"].update(hosts=[f"deploy@{BLACKHOLE}:2222"]))
