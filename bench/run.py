@@ -281,7 +281,17 @@ def bench_pull(w, hosts, bindir, runs, sizes):
             local.unlink(missing_ok=True)
             return timed(["scp", "-q", "-F", w["ssh_config"], f"dev-host:{remote}", str(local)])
 
+        def ssh_checked(remote=remote, sha=sha):
+            # What it takes with OpenSSH to know the same things the tool knows at the end:
+            # the file is whole (its sha256) and on disk.
+            local.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            subprocess.run(["sh", "-c", 'ssh -F "$1" dev-host cat "$2" > "$3" && sha256sum "$3" && sync "$3"',
+                            "sh", w["ssh_config"], remote, str(local)], check=True, capture_output=True)
+            return time.perf_counter() - t0
+
         cases = {"deploy pull (stream + sha256 + fsync)": tool, "ssh HOST cat > file": ssh_cat,
+                 "ssh cat > file; sha256sum; sync": ssh_checked,
                  "scp": scp, "fabric Connection.get": fabric_get}
         r = compare(cases, runs)
         for name, res in r.items():

@@ -64,9 +64,17 @@ DUMP_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; mkdir -p "$d/backups"; ' + _FIND
     'echo "path=$d/backups/$4"; echo "sha256=$sha"; echo "size=$size"; echo "database=$db"; echo "version=$ver"'
 )
 
+# Retention ($2 = how many to keep): this environment's backups ($3 = the name prefix),
+# newest first by the time stamp and -N in their names, the order the local side keeps.
+# File times cannot order them: docker cp keeps whole seconds only, and two backups can
+# finish within one second.
 PRUNE_SCRIPT = EXPAND_DIR + (
     'cd "$d/backups" 2>/dev/null || exit 0; '
-    'ls -1t -- *' + SUFFIX + ' 2>/dev/null | tail -n +$(( $2 + 1 )) | while read -r f; do rm -f -- "$f"; echo "$f"; done'
+    'for f in "$3"*' + SUFFIX + '; do [ -f "$f" ] && printf "%s\\n" "$f"; done | '
+    "awk -v p=\"$3\" '{ k = substr($0, length(p) + 1); sub(/\\" + SUFFIX + "$/, \"\", k); "
+    "if (k !~ /^[0-9]+T[0-9]+Z(-[0-9]+)?$/) next; n = 1; i = index(k, \"Z-\"); "
+    "if (i) { n = substr(k, i + 2); k = substr(k, 1, i) } printf \"%s %09d %s\\n\", k, n, $0 }' | "
+    'sort -r | tail -n +$(( $2 + 1 )) | while read -r _ _ f; do rm -f -- "$f"; echo "$f"; done'
 )
 
 # Restore: check the uploaded file's sha256 ($4) on the host, copy it into the db
@@ -111,8 +119,8 @@ def dump_argv(env_dir: str, project: str, db_service: str, name: str) -> list[st
     return ["sh", "-c", DUMP_SCRIPT, "deploy-backup", env_dir, project, db_service, name]
 
 
-def prune_argv(env_dir: str, keep: int) -> list[str]:
-    return ["sh", "-c", PRUNE_SCRIPT, "deploy-prune", env_dir, str(int(keep))]
+def prune_argv(env_dir: str, keep: int, prefix: str) -> list[str]:
+    return ["sh", "-c", PRUNE_SCRIPT, "deploy-prune", env_dir, str(int(keep)), prefix]
 
 
 def restore_argv(env_dir: str, project: str, db_service: str, sha256: str, remote_file: str) -> list[str]:
@@ -126,8 +134,12 @@ def utc_stamp(now: datetime | None = None) -> str:
     return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
 
 
+def backup_prefix(env: Environment) -> str:
+    return f"{env.project}-{env.name}-"
+
+
 def backup_name(env: Environment, stamp: str) -> str:
-    return f"{env.project}-{env.name}-{stamp}{SUFFIX}"
+    return f"{backup_prefix(env)}{stamp}{SUFFIX}"
 
 
 class Reporter:

@@ -405,7 +405,7 @@ def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | Non
         hs.runner.run(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, name))
         hs.runner.run(["cat", "--", f"{env.env_dir}/backups/{name}"])
         hs.say(f"pull -> {env.backup_dir / name} (.part, fsync, sha256 check, then rename) and a manifest")
-        hs.runner.run(bk.prune_argv(env.env_dir, keep or env.backup_keep))
+        hs.runner.run(bk.prune_argv(env.env_dir, keep or env.backup_keep, bk.backup_prefix(env)))
         return None
     with bk.EnvLock(env.backup_dir, env.compose_project):
         return _backup_locked(hs, env, keep or env.backup_keep, report)
@@ -436,7 +436,7 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int, report: "bk.Rep
     report.line(f"backup {env.name}: {final} ({bk.human(size)}, sha256 {sha}) verified")
     # Retention only now that the new backup is known good.
     removed = bk.prune_local(directory, env, keep)
-    pruned = hs.runner.run(bk.prune_argv(env.env_dir, keep), echo=False, check=False, what="pruning")
+    pruned = hs.runner.run(bk.prune_argv(env.env_dir, keep, bk.backup_prefix(env)), echo=False, check=False, what="pruning")
     remote_removed = pruned.stdout.split()
     if removed or remote_removed:
         report.line(f"retention (keep {keep}): removed {len(removed)} local and {len(remote_removed)} remote old backups")
