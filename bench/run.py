@@ -52,11 +52,11 @@ def machine_busy() -> tuple[float, float]:
     return sum(fields) / hz, (fields[3] + fields[4]) / hz
 
 
-def timed_cpu(argv, env=None) -> tuple[float, float, float]:
+def timed_cpu(argv, env=None, stdout=subprocess.DEVNULL) -> tuple[float, float, float]:
     """(wall s, the process's own CPU s, the whole machine's busy CPU s) of one run."""
     total0, idle0 = machine_busy()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t0
     total1, idle1 = machine_busy()
@@ -236,17 +236,32 @@ def make_remote_file(w, mib: int) -> str:
 PROBE = REPO / "bench" / "transfer_probe.py"
 
 
+PROBE_CPU: dict[str, list[tuple[float, float, float]]] = {}
+
+
 def run_probe(args: list[str]) -> tuple[float, int]:
-    """A whole process running the tool's transfer code; returns (seconds, peak RSS KiB)."""
+    """A whole process running the tool's transfer code; returns (seconds, peak RSS KiB).
+    Its own CPU time and the machine's busy CPU time go to PROBE_CPU[action]."""
+    total0, idle0 = machine_busy()
     t0 = time.perf_counter()
     proc = subprocess.Popen([PY, str(PROBE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t0
+    total1, idle1 = machine_busy()
     err = proc.stderr.read().decode()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"bench: probe {args} failed: {err}")
+    PROBE_CPU.setdefault(args[0], []).append(
+        (usage.ru_utime + usage.ru_stime, (total1 - idle1) - (total0 - idle0), dt))
     return dt, usage.ru_maxrss
+
+
+def cpu_note(action: str) -> tuple[str, dict]:
+    """The median CPU figures of a probe's timed runs (the warm-up left out), and a text."""
+    own, busy, wall = (statistics.median(v) for v in zip(*PROBE_CPU.pop(action)[1:]))
+    return (f"tool CPU {own:.2f} s, machine busy {100 * busy / wall / os.cpu_count():.0f}% of "
+            f"{os.cpu_count()} cores", {"tool_cpu_s": own, "machine_busy_cpu_s": busy})
 
 
 def bench_pull(w, hosts, bindir, runs, sizes):
@@ -272,10 +287,10 @@ def bench_pull(w, hosts, bindir, runs, sizes):
 
         def ssh_cat(remote=remote):
             local.unlink(missing_ok=True)
-            t0 = time.perf_counter()
             with open(local, "wb") as fh:
-                subprocess.run(["ssh", "-F", w["ssh_config"], "dev-host", f"cat {remote}"], stdout=fh, check=True)
-            return time.perf_counter() - t0
+                wall, own, busy = timed_cpu(["ssh", "-F", w["ssh_config"], "dev-host", f"cat {remote}"], stdout=fh)
+            PROBE_CPU.setdefault("ssh-cat", []).append((own, busy, wall))
+            return wall
 
         def scp(remote=remote):
             local.unlink(missing_ok=True)
@@ -298,9 +313,16 @@ def bench_pull(w, hosts, bindir, runs, sizes):
             res["MiB_per_s"] = mib / res["median"]
         r["deploy pull (stream + sha256 + fsync)"]["peak_rss_mib"] = max(rss["tool"]) / 1024
         r["fabric Connection.get"]["peak_rss_mib"] = max(rss["fabric"]) / 1024
+        note, figures = cpu_note("pull")
+        ssh_note, ssh_figures = cpu_note("ssh-cat")
+        PROBE_CPU.pop("fabric-get", None)
+        r["deploy pull (stream + sha256 + fsync)"].update(figures)
+        r["ssh HOST cat > file"].update(ssh_figures)
         for name in r:
             r[name]["extra"] = f"{r[name]['MiB_per_s']:.0f} MiB/s" + (
                 f", peak RSS {r[name]['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r[name] else "")
+        r["deploy pull (stream + sha256 + fsync)"]["extra"] += f", {note}"
+        r["ssh HOST cat > file"]["extra"] += f", {ssh_note.replace('tool', 'ssh')}"
         table(f"3. Backup pull of {mib} MiB (median wall time; ratio < 1 is faster)", r, "ssh HOST cat > file")
         out[mib] = r
         local.unlink(missing_ok=True)
@@ -335,7 +357,10 @@ def bench_push(w, hosts, runs, mib):
         res["MiB_per_s"] = mib / res["median"]
         res["extra"] = f"{res['MiB_per_s']:.0f} MiB/s"
     r["deploy push (SFTP, pipelined)"]["peak_rss_mib"] = max(rss) / 1024
-    r["deploy push (SFTP, pipelined)"]["extra"] += f", peak RSS {max(rss) / 1024:.0f} MiB"
+    note, figures = cpu_note("push")
+    PROBE_CPU.pop("fabric-put", None)
+    r["deploy push (SFTP, pipelined)"].update(figures)
+    r["deploy push (SFTP, pipelined)"]["extra"] += f", peak RSS {max(rss) / 1024:.0f} MiB, {note}"
     table(f"4. Restore push of {mib} MiB", r, "ssh HOST 'cat > file' < file")
     return r
 
