@@ -48,8 +48,14 @@ class _Transport(paramiko.Transport):
     _preferred_ciphers = tuple(c for c in paramiko.Transport._preferred_ciphers if "gcm" in c) + \
         tuple(c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, sock, *args, **kwargs):
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Without it, Nagle's algorithm holds a short write back until the server
+            # acknowledges the one before, and the server delays that ACK by 40 ms: once in
+            # authentication, once per command opened. (A ProxyJump hop's socket is a
+            # channel of the gateway's connection, made by this class as well.)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(sock, *args, **kwargs)
         self._held: list = []
 
     def _send_user_message(self, data):
