@@ -31,7 +31,9 @@ KEEPALIVE_SECONDS = 15
 
 
 class _Transport(paramiko.Transport):
-    """paramiko's transport, with two changes.
+    """paramiko's transport, with three changes.
+
+    TCP_NODELAY on the socket (see __init__).
 
     AES-GCM first: one C call per packet instead of a cipher pass plus a separate HMAC
     pass in paramiko's Python packetizer, which roughly doubles bulk throughput (backup
@@ -50,10 +52,10 @@ class _Transport(paramiko.Transport):
 
     def __init__(self, sock, *args, **kwargs):
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Without it, Nagle's algorithm holds a short write back until the server
-            # acknowledges the one before, and the server delays that ACK by 40 ms: once in
-            # authentication, once per command opened. (A ProxyJump hop's socket is a
-            # channel of the gateway's connection, made by this class as well.)
+            # Without it, Nagle's algorithm holds a short handshake write back until the
+            # server acknowledges the one before, and the server delays that ACK by 40 ms:
+            # opening a connection took 62 ms instead of 22. (Behind a ProxyJump hop the
+            # socket is a channel of the gateway's connection, whose own socket is set here.)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().__init__(sock, *args, **kwargs)
         self._held: list = []
