@@ -12,7 +12,6 @@ that already holds the id gets nothing uploaded.
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import os
@@ -22,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from . import dockerignore
 from .commands import EXPAND_DIR
 from .errors import UsageError
 from .inventory import Environment
@@ -132,48 +132,38 @@ def _referenced_paths(compose: dict, base: Path) -> list[Path]:
     return out
 
 
-def _dockerignore(context: Path) -> list[str]:
-    f = context / ".dockerignore"
-    if not f.is_file():
-        return []
-    pats = []
-    for line in f.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")):
-            pats.append(line.strip("/"))
-    return pats
-
-
-def _ignored(rel: str, patterns: list[str]) -> bool:
-    parts = rel.split("/")
-    if any(p in ALWAYS_IGNORED for p in parts):
-        return True
-    for pat in patterns:
-        anywhere = pat.startswith("**/")
-        core = pat[3:] if anywhere else pat
-        starts = range(len(parts)) if anywhere else range(1)
-        if any(fnmatch.fnmatchcase("/".join(parts[i:j]), core)
-               for i in starts for j in range(i + 1, len(parts) + 1)):
-            return True
-    return False
-
-
 def _walk(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise UsageError(f"{path}: referenced by the compose file but does not exist")
-    patterns = _dockerignore(path)
+    rules = dockerignore.load(path)
+    # A directory the file excludes is skipped whole, unless a `!` line may want
+    # something back from under it.
+    prune = not dockerignore.may_hold_included(rules)
     out = []
     for dirpath, dirnames, filenames in os.walk(path):
         d = Path(dirpath)
         rel_dir = d.relative_to(path).as_posix()
-        dirnames[:] = sorted(n for n in dirnames
-                             if not _ignored(n if rel_dir == "." else f"{rel_dir}/{n}", patterns))
-        for name in sorted(filenames):
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if not _ignored(rel, patterns):
-                out.append(d / name)
+        def rel(name: str) -> str:
+            return name if rel_dir == "." else f"{rel_dir}/{name}"
+        dirnames[:] = sorted(n for n in dirnames if n not in ALWAYS_IGNORED
+                             and not (prune and dockerignore.excluded(rel(n), rules)))
+        out.extend(d / name for name in sorted(filenames)
+                   if name not in ALWAYS_IGNORED and not dockerignore.excluded(rel(name), rules))
+    return out
+
+
+def _dockerfiles(compose: dict, base: Path) -> list[Path]:
+    """Dockerfiles named in build sections: sent to the builder whatever .dockerignore says."""
+    out = []
+    for svc in compose["services"].values():
+        build = svc.get("build") if isinstance(svc, dict) else None
+        if isinstance(build, dict) and isinstance(build.get("dockerfile"), str):
+            context = (base / build.get("context", ".")).resolve()
+            path = (context / build["dockerfile"]).resolve()
+            if path.is_file() and path.is_relative_to(context):
+                out.append(path)
     return out
 
 
@@ -181,8 +171,9 @@ def build(env: Environment, variables: dict[str, str] | None = None) -> Release:
     compose_file = env.compose_file.resolve()
     compose = load_compose(compose_file)
     refs = _referenced_paths(compose, compose_file.parent)
-    root = Path(os.path.commonpath([compose_file.parent, *refs]))
-    local_files = {compose_file}
+    dockerfiles = _dockerfiles(compose, compose_file.parent)
+    root = Path(os.path.commonpath([compose_file.parent, *refs, *dockerfiles]))
+    local_files = {compose_file, *dockerfiles}
     for ref in refs:
         local_files.update(_walk(ref))
     files = tuple(sorted((PurePosixPath(p.relative_to(root).as_posix()), p) for p in local_files))
