@@ -45,14 +45,17 @@ def _translate(pattern: str) -> re.Pattern:
             i += 1
             out.append(re.escape(pattern[i]))
         elif c == "[":
-            end = pattern.find("]", i + 2 if pattern.startswith(("[!", "[^"), i) else i + 1)
-            if end < 0:
+            start = i + 2 if pattern.startswith(("[!", "[^"), i) else i + 1
+            end = pattern.find("]", start)
+            if end <= start:    # no closing bracket, or an empty class: a literal `[`
                 out.append(re.escape(c))
             else:
                 body = pattern[i + 1:end]
-                if body[:1] in ("!", "^"):
-                    body = "^" + body[1:]
-                out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+                negate = body[:1] in ("!", "^")
+                # Only ranges (a-z) keep a meaning inside; anything Python's regex
+                # classes would read specially is taken literally.
+                body = "".join("\\" + ch if ch in "\\[]^&~|" else ch for ch in body[negate:])
+                out.append(f"[{'^' if negate else ''}{body}]")
                 i = end
         else:
             out.append(re.escape(c))

@@ -41,6 +41,9 @@ def ex(text: str, path: str) -> bool:
     ("[a-c]x", "bx", True),
     (r"\*.txt", "*.txt", True),
     (r"\*.txt", "a.txt", False),
+    ("a[b", "a[b", True),           # no closing bracket: a literal `[`
+    ("[]", "[]", True),             # an empty class: the same
+    ("[[&]x", "&x", True),          # regex-special characters in a class are literal
     # cleaned like paths, comments and blank lines ignored
     ("./src/../tmp", "tmp/x", True),
     ("# build", "build", False),
