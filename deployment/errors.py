@@ -14,7 +14,17 @@ class ExitStatus(enum.IntEnum):
     USAGE = 2               # bad arguments, inventory or compose file; refused confirmations
     CONNECTION = 3          # connect, authentication or host-key failure
     TEMPFAIL = 75           # EX_TEMPFAIL: another run holds the lock; try again later
-    INTERRUPTED = 130       # Ctrl+C
+    INTERRUPTED = 130       # Ctrl+C, or SIGTERM / SIGHUP (see Terminated)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (cron's timeout, a service stop, a closed terminal), handled as
+    Ctrl+C is: cleanups run (a partly pulled backup is removed, locks are released) and
+    the exit status is INTERRUPTED, instead of the process vanishing mid-step."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class DeployError(Exception):

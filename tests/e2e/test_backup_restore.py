@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -320,6 +321,26 @@ def test_connection_killed_mid_pull_leaves_no_final_file_and_older_backups_intac
     assert "deploy: error:" in err
     assert s.local() == [older] and sha256(older) == older_sha
     assert [p for p in s.backups.iterdir() if p.name.endswith(".part")] == []
+
+
+def test_sigterm_mid_pull_cleans_up_and_exits_130(slow):
+    """cron's `timeout`, a service stop: SIGTERM is handled as Ctrl+C is. The partly pulled
+    file is removed, the lock is released (the next backup runs), exit 130."""
+    s = slow
+    proc = subprocess.Popen([*DEPLOY, "--hosts", str(s.hosts), "slow", "backup"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=s.hosts.parent)
+    deadline = time.monotonic() + 120
+    while not remote_cat_pids(s.project) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert remote_cat_pids(s.project), "the pull never started"
+    time.sleep(1.0)
+    assert [p for p in s.backups.iterdir() if p.name.endswith(".part")], "no partial file to clean up"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "deploy: terminated by SIGTERM" in err and "Traceback" not in err
+    assert s.local() == [] and [p for p in s.backups.iterdir() if p.name.endswith(".part")] == []
+    assert s.deploy("backup").code == 0
 
 
 def test_two_concurrent_backups_one_runs_one_exits_75(slow):

@@ -92,3 +92,28 @@ def test_unreachable_host_is_exit_3(hosts, tmp_path):
     p.write_text(hosts.read_text().replace("[dev-host]", "['127.0.0.1:1']"))
     code, _, err = run(["--hosts", str(p), "dev", "check"])
     assert code == 3 and "cannot connect" in err and "Traceback" not in err
+
+
+def test_main_handles_sigterm_only_while_it_runs_and_puts_the_old_handler_back(hosts):
+    import os
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("caller's"))
+    try:
+        # A dry run that gets SIGTERM half-way (from inside the dry-run output) ends as
+        # Ctrl+C does, with 130 and one line, and the caller's handler is back afterwards.
+        class Out(io.StringIO):
+            def write(self, s):
+                if "$ " in s and not seen:
+                    seen.append("sent")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return super().write(s)
+
+        err = io.StringIO()
+        code = cli.main(["--dry-run", "dev", "status"], stdout=Out(), stderr=err)
+        assert code == 130 and err.getvalue() == "deploy: terminated by SIGTERM\n"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == ["sent", "caller's"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
