@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import signal
 import sys
-import threading
 import traceback
 from dataclasses import dataclass
 from typing import IO, Callable
@@ -17,7 +15,7 @@ from typing import IO, Callable
 from . import __version__
 from . import inventory as inv
 from . import operations as ops
-from .errors import DeployError, ExitStatus, Terminated, UsageError
+from .errors import DeployError, ExitStatus, UsageError, interruption, terminate_as_interrupt
 from .session import sessions
 
 
@@ -260,7 +258,7 @@ def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None, stdout:
     io = IO3(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
     argv = list(sys.argv[1:] if argv is None else argv)
     state = {"verbose": "-v" in argv or "--verbose" in argv}
-    restore_signals = _terminate_as_interrupt()
+    restore_signals = terminate_as_interrupt()
     try:
         return _dispatch(argv, io, state)
     except DeployError as exc:
@@ -275,8 +273,7 @@ def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None, stdout:
         sys.stdout = None
         return int(ExitStatus.OK)
     except KeyboardInterrupt as exc:
-        io.stderr.write(f"deploy: terminated by {signal.Signals(exc.signum).name}\n" if isinstance(exc, Terminated)
-                        else "deploy: interrupted\n")
+        io.stderr.write(f"deploy: {interruption(exc)}\n")
         return int(ExitStatus.INTERRUPTED)
     except Exception as exc:  # a bug: say so in one line, the traceback with -v
         if state["verbose"]:
@@ -290,24 +287,6 @@ def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None, stdout:
             io.stdout.flush()
         except (BrokenPipeError, ValueError):
             pass
-
-
-def _terminate_as_interrupt() -> Callable[[], None]:
-    """Turn SIGTERM and SIGHUP into Terminated for the length of main(); returns what
-    puts the previous handlers back. Only the main thread may set handlers (tests may
-    call main() from another)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, _frame):
-        raise Terminated(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, signal.SIG_DFL if old is None else old)
-    return restore
 
 
 def main_exit() -> None:

@@ -6,6 +6,9 @@ shown with its traceback.
 from __future__ import annotations
 
 import enum
+import signal
+import threading
+from typing import Callable
 
 
 class ExitStatus(enum.IntEnum):
@@ -25,6 +28,29 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def interruption(exc: KeyboardInterrupt) -> str:
+    """What the user is told: 'interrupted' (Ctrl+C) or 'terminated by SIGTERM'."""
+    return f"terminated by {signal.Signals(exc.signum).name}" if isinstance(exc, Terminated) else "interrupted"
+
+
+def terminate_as_interrupt() -> Callable[[], None]:
+    """Turn SIGTERM and SIGHUP into Terminated until the returned function is called,
+    which puts the previous handlers back. Only the main thread may set handlers (tests
+    may call main() from another); elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, _frame):
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+    return restore
 
 
 class DeployError(Exception):

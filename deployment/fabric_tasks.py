@@ -12,7 +12,7 @@ import sys
 from invoke.exceptions import Exit
 
 from . import inventory as inv
-from .errors import DeployError, ExitStatus, InventoryError
+from .errors import DeployError, ExitStatus, InventoryError, interruption, terminate_as_interrupt
 from .session import sessions
 
 
@@ -37,6 +37,7 @@ def resolve(host_arg: str, env_name: str | None = None):
 def run(c, operation, env_name: str | None = None, **kwargs) -> None:
     """Run operations.<operation> for the task's host; failures become fab's exit code."""
     verbose = bool(os.environ.get("DEPLOY_VERBOSE"))
+    restore_signals = terminate_as_interrupt()
     try:
         env, host = resolve(c.original_host, env_name)
         hosts = sessions(env, (host,), verbose=verbose)
@@ -44,8 +45,10 @@ def run(c, operation, env_name: str | None = None, **kwargs) -> None:
     except DeployError as exc:
         msg = f"deploy: error: {exc}" + (f"\nhint: {exc.hint}" if exc.hint else "")
         raise Exit(msg, code=int(exc.status)) from None
-    except KeyboardInterrupt:
-        raise Exit("deploy: interrupted", code=int(ExitStatus.INTERRUPTED)) from None
+    except KeyboardInterrupt as exc:
+        raise Exit(f"deploy: {interruption(exc)}", code=int(ExitStatus.INTERRUPTED)) from None
+    finally:
+        restore_signals()
     if isinstance(status, int) and status:   # status() returns an exit code; others return results
         sys.stdout.flush()
         raise Exit(code=int(status))

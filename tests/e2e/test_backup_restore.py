@@ -2,6 +2,7 @@
 guarantees of the backup issue, each proving that nothing was lost."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -271,6 +272,9 @@ def test_fab_backup_and_restore(stack):
         for p in [*(REPO / "backups" / "dev").glob(f"{s.project}-*"),
                   *(REPO / "backups" / "dev").glob(f".{s.project}.lock")]:
             p.unlink()
+        for d in (REPO / "backups" / "dev", REPO / "backups"):
+            with contextlib.suppress(OSError):
+                d.rmdir()       # only when empty: an operator's own backups stay
 
 
 # --- a slow link: a pull cut in the middle, and overlapping runs ---------------------------
@@ -281,8 +285,10 @@ def slow(world, make_inventory, project_copy):
     large enough to take a few seconds to pull."""
     hosts = make_inventory(compose_dir=project_copy)
     data = yaml.safe_load(hosts.read_text())
+    # An absolute backup dir: the same place whether the run starts here or in the repo (fab).
     data["environments"]["slow"] = {"compose_file": str(project_copy / "docker-compose.dev.yml"),
-                                    "hosts": ["slow-host"], "variables": stack_variables(world)}
+                                    "hosts": ["slow-host"], "variables": stack_variables(world),
+                                    "backup": {"dir": str(hosts.parent / "backups" / "slow")}}
     hosts.write_text(yaml.safe_dump(data, sort_keys=False))
     s = Stack(hosts, "slow").ready()
     # ~24 MB of incompressible-ish rows: the pull takes several seconds at the link's rate.
@@ -323,12 +329,18 @@ def test_connection_killed_mid_pull_leaves_no_final_file_and_older_backups_intac
     assert [p for p in s.backups.iterdir() if p.name.endswith(".part")] == []
 
 
-def test_sigterm_mid_pull_cleans_up_and_exits_130(slow):
+@pytest.mark.parametrize("entry", ["deploy", "fab"])
+def test_sigterm_mid_pull_cleans_up_and_exits_130(slow, entry):
     """cron's `timeout`, a service stop: SIGTERM is handled as Ctrl+C is. The partly pulled
     file is removed, the lock is released (the next backup runs), exit 130."""
     s = slow
-    proc = subprocess.Popen([*DEPLOY, "--hosts", str(s.hosts), "slow", "backup"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=s.hosts.parent)
+    if entry == "deploy":
+        argv, cwd, env = [*DEPLOY, "--hosts", str(s.hosts), "slow", "backup"], s.hosts.parent, None
+    else:
+        argv, cwd, env = [str(Path(DEPLOY[0]).with_name("fab")), "-H", "slow-host", "backup"], REPO, \
+            {**os.environ, "DEPLOY_HOSTS": str(s.hosts)}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, cwd=cwd, env=env)
     deadline = time.monotonic() + 120
     while not remote_cat_pids(s.project) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
