@@ -190,9 +190,7 @@ class HostRunner:
     def run(self, argv: list[str], *, echo: bool = True, check: bool = True, pty: bool = False,
             timeout: float | None = None, what: str | None = None, cwd: str | None = None) -> Result:
         """Run argv; stream its output when echo, always capture it. Raise RemoteError if check and it fails."""
-        command = command_line(argv, cwd)
-        if self.verbose:
-            LineWriter(self.stderr, self.prefix).write(f"$ {command}\n")
+        command = self._command(argv, cwd)
         if not echo and not pty:
             result = self._capture(command, timeout or self.command_timeout, what or argv[0])
         else:
@@ -203,6 +201,16 @@ class HostRunner:
                               + (f": {detail}" if detail else ""))
         return result
 
+    def _command(self, argv: list[str], cwd: str | None = None) -> str:
+        command = command_line(argv, cwd)
+        if self.verbose:
+            LineWriter(self.stderr, self.prefix).write(f"$ {command}\n")
+        return command
+
+    def _timed_out(self, what: str, timeout: float) -> RemoteError:
+        return RemoteError(f"{self.name}: {what} did not finish within {timeout:g} s (command timeout)",
+                           hint="raise command_timeout in hosts.yaml if it is expected")
+
     def _stream(self, command: str, echo: bool, pty: bool, timeout: float | None, what: str) -> Result:
         """Run through Fabric/invoke, streaming output line by line (and a pty when asked)."""
         out = LineWriter(self.stdout, self.prefix) if echo else None
@@ -211,8 +219,7 @@ class HostRunner:
             res = self.conn.run(command, warn=True, hide=True, pty=pty, in_stream=False,
                                 out_stream=out, err_stream=err, timeout=timeout)
         except CommandTimedOut as exc:
-            raise RemoteError(f"{self.name}: {what} did not finish within {exc.timeout:g} s "
-                              "(command timeout)", hint="raise command_timeout in hosts.yaml if it is expected") from None
+            raise self._timed_out(what, exc.timeout) from None
         except (OSError, EOFError, SSHException) as exc:
             raise ConnectError(f"{self.name}: connection lost: {exc}") from None
         finally:
@@ -242,8 +249,7 @@ class HostRunner:
             status = chan.recv_exit_status()
             chan.close()
         except TimeoutError:
-            raise RemoteError(f"{self.name}: {what} did not finish within {timeout:g} s (command timeout)",
-                              hint="raise command_timeout in hosts.yaml if it is expected") from None
+            raise self._timed_out(what, timeout) from None
         except (OSError, EOFError, SSHException) as exc:
             raise ConnectError(f"{self.name}: connection lost during {what}: {exc or type(exc).__name__}") from None
         if INTERRUPTED.is_set():
@@ -255,9 +261,7 @@ class HostRunner:
 
         An exec channel read in 1 MiB calls moves data at OpenSSH's speed, about twice
         what SFTP reads manage through paramiko."""
-        command = command_line(argv)
-        if self.verbose:
-            LineWriter(self.stderr, self.prefix).write(f"$ {command}\n")
+        command = self._command(argv)
         try:
             chan = self.conn.transport.open_session(window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET)
             chan.in_buffer = ChunkBuffer()     # before exec: no data can have arrived yet

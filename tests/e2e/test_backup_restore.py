@@ -138,6 +138,16 @@ def test_round_trip_brings_the_markers_back_exactly(stack):
     assert s.items() == before
 
 
+def assert_restore_refused(s, args: list[str], why: str) -> None:
+    """restore ARGS fails with exit 1 for `why`, before the database is touched."""
+    before = s.items()
+    r = s.deploy("restore", *args)
+    assert r.code == 1, r.text
+    assert why in r.error and "not touched" in r.error
+    assert s.items() == before
+    assert s.leftovers() == []
+
+
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])
 def test_damaged_backup_is_refused_before_the_database_is_touched(stack, damage):
     s = stack("staging").ready()
@@ -151,12 +161,7 @@ def test_damaged_backup_is_refused_before_the_database_is_touched(stack, damage)
         data[len(data) // 2] ^= 0x10
     dump.write_bytes(bytes(data))
     s.mark("after")
-    before = s.items()
-    r = s.deploy("restore")
-    assert r.code == 1, r.text
-    assert "checksum mismatch" in r.error and "not touched" in r.error
-    assert s.items() == before
-    assert s.leftovers() == []
+    assert_restore_refused(s, [], "checksum mismatch")
 
 
 def test_truncated_backup_without_checksum_fails_the_full_read(stack):
@@ -165,12 +170,7 @@ def test_truncated_backup_without_checksum_fails_the_full_read(stack):
     bare = s.hosts.parent / "bare.dump"
     bare.write_bytes(s.local()[0].read_bytes()[:-200])
     s.mark("after")
-    before = s.items()
-    r = s.deploy("restore", "--file", str(bare))
-    assert r.code == 1, r.text
-    assert "cannot be read in full" in r.error and "not touched" in r.error
-    assert s.items() == before
-    assert s.leftovers() == []
+    assert_restore_refused(s, ["--file", str(bare)], "cannot be read in full")
 
 
 def test_restore_failing_half_way_leaves_the_database_unchanged(stack):
