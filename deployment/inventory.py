@@ -29,7 +29,7 @@ ROLE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 # Keys that `defaults` may set and any environment may override.
 SHARED_KEYS = {"user", "port", "remote_dir", "ssh_config", "known_hosts",
-               "connect_timeout", "command_timeout", "backup"}
+               "connect_timeout", "command_timeout", "backup", "root"}
 ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected", "app_service", "db_service"}
 TOP_KEYS = {"project", "defaults", "environments"}
 BACKUP_KEYS = {"dir", "keep"}
@@ -68,6 +68,9 @@ class Environment:
     app_service: str | None = None
     db_service: str = "db"
     inventory_path: Path = Path()
+    # The project root: a release ships only files under it. None: the git work tree
+    # that holds the compose file, else the compose file's own directory.
+    root: Path | None = None
 
     @property
     def compose_project(self) -> str:
@@ -264,6 +267,7 @@ class _Validator:
             connect_timeout=float(self.number(merged.get("connect_timeout", 10), src("connect_timeout"), low=0.1)),
             command_timeout=float(self.number(merged.get("command_timeout", 3600), src("command_timeout"), low=1)),
             backup_dir=backup_dir, backup_keep=keep, inventory_path=self.path,
+            root=self.local_path(merged["root"], src("root")).resolve() if "root" in merged else None,
             app_service=(self.string(spec["app_service"], f"{where}.app_service", SERVICE_RE, "service name")
                          if "app_service" in spec else None),
             db_service=self.string(spec.get("db_service", "db"), f"{where}.db_service", SERVICE_RE, "service name"),
