@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Callable
 
-from . import __version__
+from . import __version__, limits
 from . import inventory as inv
 from . import operations as ops
 from .errors import DeployError, ExitStatus, UsageError, interruption, terminate_as_interrupt
@@ -39,14 +39,14 @@ def _up_args(p):
 
 
 def _down_args(p):
-    p.add_argument("--volumes", action="store_true",
-                   help="also remove named volumes (DATA); confirmation needed on protected environments")
-    p.add_argument("--yes", "-y", action="store_true", help="confirm without a prompt")
+    p.add_argument("--volumes", action="store_true", help="also remove named volumes (DATA)")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="confirm without a prompt (protected environments ask for their name on a TTY)")
 
 
 def _logs_args(p):
     p.add_argument("-f", "--follow", action="store_true", help="stream new lines until Ctrl+C")
-    p.add_argument("--tail", type=_non_negative_int, metavar="N", help="only the last N lines per service")
+    p.add_argument("--tail", type=_count(limits.TAIL), metavar="N", help="only the last N lines per service")
     _services(p, "services whose logs to show")
 
 
@@ -60,8 +60,9 @@ def _migrate_args(p):
 
 
 def _backup_args(p):
-    p.add_argument("--keep", type=_positive_int, metavar="N",
-                   help="keep the N newest backups, here and on the host (default: backup.keep, 14)")
+    p.add_argument("--keep", type=_count(limits.KEEP), metavar="N",
+                   help="keep the N newest backups, here and on the host, 1 to 10000 "
+                        "(default: backup.keep, 14); the new backup is always kept")
 
 
 def _restore_args(p):
@@ -71,20 +72,19 @@ def _restore_args(p):
                    help="allow a backup of another environment on a protected environment")
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
+def _count(limit: limits.Limit):
+    """An argparse type for a count: the one parser and range of limits.py."""
+    def parse(text: str):
+        try:
+            return limit.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = limit.what
+    return parse
 
 
 def _test_args(p):
     p.add_argument("service", nargs="?", metavar="SERVICE", help="only this service's tests")
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}")
-    return int(text)
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in [
@@ -121,10 +121,18 @@ class IO3:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of exiting, so main() owns the exit code."""
+    """argparse that raises UsageError instead of exiting, so main() owns the exit code
+    (and main() never raises SystemExit, whatever argparse meets)."""
 
     def error(self, message: str):
         raise UsageError(message, hint=self.format_usage().strip())
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise UsageError((message or "invalid arguments").strip(), hint=self.format_usage().strip())
+
+
+# Options every command accepts; the fab tasks take their own (-H, --dry) instead.
+GLOBAL_DESTS = {"hosts", "dry_run", "verbose", "help"}
 
 
 def _global_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -147,11 +155,26 @@ def _top_parser() -> _Parser:
     return p
 
 
-def _command_parser(cmd: Command) -> _Parser:
-    p = _Parser(prog=f"deploy ENV {cmd.name}", description=cmd.summary, allow_abbrev=False)
+def command_parser(cmd: Command, prog: str | None = None, with_globals: bool = True) -> _Parser:
+    """The one definition of a command's arguments: `deploy ENV CMD` parses with it, and
+    the fab task of the same name is generated from it and parses with it too."""
+    p = _Parser(prog=prog or f"deploy ENV {cmd.name}", description=cmd.summary, allow_abbrev=False,
+                add_help=False)
+    p.add_argument("-h", "--help", action="store_true", help="show this help")
     cmd.configure(p)
-    _global_options(p, suppress=True)
+    if with_globals:
+        _global_options(p, suppress=True)
     return p
+
+
+def wants_help(args: list[str]) -> bool:
+    """`--help` or `-h` anywhere before a `--`: help, whatever else is on the line."""
+    for tok in args:
+        if tok == "--":
+            return False
+        if tok in ("-h", "--help"):
+            return True
+    return False
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
@@ -166,6 +189,13 @@ def _split(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
         (pre if tok.startswith("-") and tok != "-" else pos).append(tok)
         i += 1
     return pre, pos, argv[i:]
+
+
+EXIT_CODES_HELP = [
+    "exit codes: 0 ok; 1 a remote command failed; 2 usage or inventory error;",
+    "            3 connection, authentication or host-key failure; 70 internal error (a bug);",
+    "            75 another backup/restore of the environment is running (try later); 130 interrupted",
+]
 
 
 def help_text(path) -> str:
@@ -185,11 +215,24 @@ def help_text(path) -> str:
               "  --hosts PATH  inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)",
               "  --dry-run     print the remote commands and transfers per host; connect to nothing",
               "  -v, --verbose show remote commands, and tracebacks on errors",
-              "", "exit codes: 0 ok; 1 a remote command failed; 2 usage or inventory error;",
-              "            3 connection, authentication or host-key failure;",
-              "            75 another backup/restore of the environment is running (try later); 130 interrupted",
+              "", *EXIT_CODES_HELP,
               "", "`deploy ENV COMMAND --help` describes a command."]
     return "\n".join(lines) + "\n"
+
+
+def run_command(cmd: Command, args: argparse.Namespace, env: inv.Environment, io: IO3,
+                hosts: tuple[inv.Host, ...] | None = None) -> int:
+    """Run a parsed command on the environment's hosts (or some of them: fab -H)."""
+    if hasattr(args, "plan"):
+        # For migrate, --dry-run asks the migration runner for its plan.
+        args.plan, args.dry_run = args.plan or args.dry_run, False
+    sess = sessions(env, hosts, dry_run=args.dry_run, verbose=args.verbose, out=io.stdout, err=io.stderr)
+    try:
+        status = cmd.run(args, sess, io)
+    finally:
+        for hs in sess:
+            hs.close()
+    return int(status or 0)
 
 
 def _dispatch(argv: list[str], io: IO3, state: dict) -> int:
@@ -211,39 +254,29 @@ def _dispatch(argv: list[str], io: IO3, state: dict) -> int:
         if word in names:
             raise UsageError(f"missing command for environment '{word}' (commands: {', '.join(COMMANDS)})",
                              hint=f"usage: deploy {word} COMMAND")
-        raise UsageError(f"'{word}' is not a recognized command or environment "
+        raise UsageError(f"{word!r} is not a recognized command or environment "
                          f"(commands: {', '.join(COMMANDS)}; environments: {', '.join(names) or '?'})",
                          hint="usage: deploy ENV COMMAND [ARGS]; run `deploy` alone for help")
     env_name, cmd_name = pos
     if cmd_name not in COMMANDS:
         if env_name in COMMANDS and cmd_name in _env_names(path):
             raise UsageError("the environment comes first", hint=f"deploy {cmd_name} {env_name}")
-        raise UsageError(f"unknown command '{cmd_name}' for environment '{env_name}' "
+        raise UsageError(f"unknown command {cmd_name!r} for environment {env_name!r} "
                          f"(commands: {', '.join(COMMANDS)})", hint="usage: deploy ENV COMMAND [ARGS]")
     cmd = COMMANDS[cmd_name]
-    parser = _command_parser(cmd)
-    if top.help:
-        rest = ["--help", *rest]
-    if "-h" in rest[:1] or "--help" in rest[:1]:
+    parser = command_parser(cmd)
+    if top.help or wants_help(rest):
         io.stdout.write(parser.format_help())
         return 0
     args = parser.parse_args(rest)
     for opt in ("hosts", "dry_run", "verbose"):
         if not hasattr(args, opt):
             setattr(args, opt, getattr(top, opt))
-    if hasattr(args, "plan"):
-        args.plan, args.dry_run = args.plan or args.dry_run, False
     state["verbose"] = args.verbose
     if args.hosts != top.hosts:
         path = inv.resolve_path(args.hosts)
     env = inv.load(path).environment(env_name)
-    hosts = sessions(env, dry_run=args.dry_run, verbose=args.verbose, out=io.stdout, err=io.stderr)
-    try:
-        status = cmd.run(args, hosts, io)
-    finally:
-        for hs in hosts:
-            hs.close()
-    return int(status or 0)
+    return run_command(cmd, args, env, io)
 
 
 def _env_names(path) -> list[str]:
@@ -253,40 +286,49 @@ def _env_names(path) -> list[str]:
         return []
 
 
-def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None, stdout: IO[str] | None = None,
-         stderr: IO[str] | None = None) -> int:
-    io = IO3(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    state = {"verbose": "-v" in argv or "--verbose" in argv}
+def guarded(body: Callable[[], int], io: IO3, verbose: Callable[[], bool], prog: str = "deploy") -> int:
+    """Run body and turn every way it can end into an exit status and at most one line
+    (plus a hint) on stderr: the one place where outcomes become exit codes, for
+    `deploy` and for the fab tasks alike. A traceback only with --verbose."""
     restore_signals = terminate_as_interrupt()
     try:
-        return _dispatch(argv, io, state)
+        return body()
     except DeployError as exc:
-        if state["verbose"]:
+        if verbose():
             traceback.print_exc(file=io.stderr)
-        io.stderr.write(f"deploy: error: {exc}\n")
+        io.stderr.write(f"{prog}: error: {exc}\n")
         if exc.hint:
             io.stderr.write(f"hint: {exc.hint}\n")
         return int(exc.status)
     except BrokenPipeError:
         # `deploy ... | head`: the reader left; nothing more to say to it.
-        sys.stdout = None
         return int(ExitStatus.OK)
     except KeyboardInterrupt as exc:
-        io.stderr.write(f"deploy: {interruption(exc)}\n")
+        io.stderr.write(f"{prog}: {interruption(exc)}\n")
         return int(ExitStatus.INTERRUPTED)
+    except SystemExit as exc:  # nothing of ours exits; a library that does is a usage error
+        code = exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
+        return int(code)
     except Exception as exc:  # a bug: say so in one line, the traceback with -v
-        if state["verbose"]:
+        if verbose():
             traceback.print_exc(file=io.stderr)
-        io.stderr.write(f"deploy: internal error: {type(exc).__name__}: {exc}\n"
+        io.stderr.write(f"{prog}: internal error: {type(exc).__name__}: {exc}\n"
                         "hint: run again with -v for the traceback, and report it\n")
-        return int(ExitStatus.REMOTE_FAILED)
+        return int(ExitStatus.SOFTWARE)
     finally:
         restore_signals()
         try:
             io.stdout.flush()
         except (BrokenPipeError, ValueError):
             pass
+
+
+def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None, stdout: IO[str] | None = None,
+         stderr: IO[str] | None = None) -> int:
+    io = IO3(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    state = {"verbose": "-v" in argv or "--verbose" in argv}
+    return guarded(lambda: _dispatch(argv, io, state), io, lambda: state["verbose"])
 
 
 def main_exit() -> None:
@@ -302,4 +344,10 @@ def exit_process(status: int) -> None:
     atexit handlers and buffered files still run and close as usual.
     """
     gc.freeze()
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        # The reader of a pipe left (`deploy ... | head`): nothing more can reach it, and
+        # the interpreter must not complain about it at exit either.
+        sys.stdout = None
     sys.exit(status)

@@ -21,7 +21,7 @@ EXPAND_DIR = 'case $1 in "~/"*) d="$HOME/${1#\\~/}" ;; *) d=$1 ;; esac; '
 def check_services(requested: list[str], known: list[str], compose_file: str) -> list[str]:
     """Refuse anything that is not exactly a service of the compose file."""
     for name in requested:
-        if not SERVICE_RE.match(name) or name not in known:
+        if not isinstance(name, str) or not SERVICE_RE.fullmatch(name) or name not in known:
             raise UsageError(f"unknown service '{name}' (services in {compose_file}: {', '.join(known)})")
     return list(dict.fromkeys(requested))
 
@@ -79,6 +79,9 @@ class Compose:
             out += ["--workdir", workdir]
         return out + [service, *argv]
 
-    def run(self, service: str, argv: list[str], no_deps: bool = True) -> list[str]:
+    def run(self, service: str, argv: list[str], no_deps: bool = True, name: str | None = None) -> list[str]:
+        """A one-off container; `name` lets an interrupted client stop it (docker kill NAME)."""
         out = self.base() + ["run", "--rm", "-T"] + (["--no-deps"] if no_deps else [])
+        if name:
+            out += ["--name", name]
         return out + [service, *argv]

@@ -16,6 +16,7 @@ class ExitStatus(enum.IntEnum):
     REMOTE_FAILED = 1       # a command on a host failed (compose, migrate, a test, a dump)
     USAGE = 2               # bad arguments, inventory or compose file; refused confirmations
     CONNECTION = 3          # connect, authentication or host-key failure
+    SOFTWARE = 70           # EX_SOFTWARE: an internal error (a bug), not a failed deploy
     TEMPFAIL = 75           # EX_TEMPFAIL: another run holds the lock; try again later
     INTERRUPTED = 130       # Ctrl+C, or SIGTERM / SIGHUP (see Terminated)
 
@@ -30,8 +31,22 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+class StepInterrupted(KeyboardInterrupt):
+    """An interruption that arrived while a step ran on a host, after the tool asked the
+    host to stop that step and waited for it: `outcome` says what became of it (stopped
+    and rolled back, or already done), so the operator is never left with "maybe"."""
+
+    def __init__(self, cause: KeyboardInterrupt, outcome: str):
+        super().__init__(outcome)
+        self.cause = cause
+        self.outcome = outcome
+
+
 def interruption(exc: KeyboardInterrupt) -> str:
-    """What the user is told: 'interrupted' (Ctrl+C) or 'terminated by SIGTERM'."""
+    """What the user is told: 'interrupted' (Ctrl+C) or 'terminated by SIGTERM', and what
+    became of the step that was running on the host."""
+    if isinstance(exc, StepInterrupted):
+        return f"{interruption(exc.cause)}; {exc.outcome}"
     return f"terminated by {signal.Signals(exc.signum).name}" if isinstance(exc, Terminated) else "interrupted"
 
 
@@ -89,3 +104,32 @@ class RemoteError(DeployError):
 
 class LockedError(DeployError):
     status = ExitStatus.TEMPFAIL
+
+
+class shielded_from_interrupts:
+    """While a step is being stopped on a host, a second Ctrl+C or SIGTERM must not cut
+    that short (it would leave the operator not knowing what happened): the signals are
+    noted, `notice()` is called once, and the handlers are put back afterwards. Only the
+    main thread can do this; elsewhere it does nothing."""
+
+    def __init__(self, notice: Callable[[], None]):
+        self.notice = notice
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        told = []
+
+        def handler(_signum, _frame):
+            if not told:
+                told.append(True)
+                self.notice()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+        return False

@@ -23,8 +23,9 @@ class Limit:
     integer: bool = True
 
     def describe(self) -> str:
-        kind = "a whole number" if self.integer else "a number"
-        return f"{kind} from {self.low:g} to {self.high:g}"
+        if self.integer:
+            return f"a whole number from {int(self.low)} to {int(self.high)}"
+        return f"a number from {self.low:g} to {self.high:g}"
 
     def parse(self, text: str) -> int | float:
         """A count as typed on a command line. Raises ValueError with the one-line reason."""

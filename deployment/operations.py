@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from . import backup as bk
+from . import limits
 from . import release as rel
 from .commands import EXPAND_DIR, Compose, check_services
 from .errors import DeployError, ExitStatus, RemoteError, UsageError
@@ -116,9 +116,11 @@ def _explain_failed_start(hs: HostSession, compose: Compose, res) -> None:
 def down(hosts: list[HostSession], volumes: bool = False, yes: bool = False,
          stdin: IO[str] | None = None, out: IO[str] | None = None) -> None:
     env = hosts[0].env
-    if volumes and env.protected and not hosts[0].dry_run:
-        confirm(env.name, f"remove the containers, networks and VOLUMES (data) of {env.name}",
-                yes=yes, stdin=stdin, out=out)
+    if env.protected and not hosts[0].dry_run:
+        # Stopping a protected environment is an outage; with --volumes it deletes data.
+        what = ("remove the containers, networks and VOLUMES (data) of" if volumes
+                else "stop and remove the containers and networks of (an outage)")
+        confirm(env.name, f"{what} {env.name}", yes=yes, stdin=stdin, out=out)
 
     def step(hs: HostSession) -> None:
         res = hs.runner.run(hs.compose().down(volumes=volumes), cwd=NEUTRAL_CWD, what="compose down")
@@ -200,7 +202,7 @@ def _service_rows(ps: list[dict], known: list[str]) -> list[dict]:
 
 def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None = None) -> int:
     env = hosts[0].env
-    out = out or sys.stdout
+    out = out or hosts[0].out
     known = rel.services(env.compose_file)
     if hosts[0].dry_run:
         for hs in hosts:
@@ -257,7 +259,7 @@ CHECK_SCRIPT = EXPAND_DIR + (
 def check(hosts: list[HostSession], out: IO[str] | None = None) -> None:
     """Connect to every host: host key, docker and compose versions, free disk."""
     env = hosts[0].env
-    out = out or sys.stdout
+    out = out or hosts[0].out
 
     def step(hs: HostSession) -> None:
         res = hs.runner.run(["sh", "-c", CHECK_SCRIPT, "deploy-check", env.remote_dir], echo=False,
@@ -335,6 +337,21 @@ def _one_off_failure(hs: HostSession, res, script: str, service: str, what: str)
     return RemoteError(f"{hs.name}: {what} (exit {res.exited}): {last_line(res.stderr) or last_line(res.stdout)}")
 
 
+def _one_off_name(env: Environment, what: str, step: str) -> str:
+    return f"{env.compose_project}-{what}-{step}"
+
+
+def _one_off_outcome(what: str, rolled_back: str):
+    """How an interrupted one-off (migrate, test) ended, for the operator's last line."""
+    def outcome(res) -> str:
+        if res is None:
+            return f"the host did not confirm that {what} stopped; check `docker ps` there"
+        if res.exited == 0:
+            return f"{what} had already finished successfully before it could be stopped"
+        return f"{what} was stopped on the host: {rolled_back}"
+    return outcome
+
+
 def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = False) -> None:
     env = hosts[0].env
     service = app_service(env)
@@ -348,12 +365,26 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
     def step(hs: HostSession) -> None:
         _, compose = _prepare_one_off(hs, release, service)
         argv = ["python3", "migrate.py"] + (["--plan"] if plan else [])
-        res = hs.runner.run(compose.run(service, argv), check=False, what="migrate.py")
+        step_id = bk.new_step_id()
+        name = _one_off_name(env, "migrate", step_id)
+        res = _run_one_off(hs, compose.run(service, argv, name=name), step_id, name, "migrate.py",
+                           _one_off_outcome("the migration", "the migration in progress was rolled back; "
+                                            f"those before it stay applied (see `deploy {env.name} migrate --dry-run`)"))
         if res.exited == 0 or hs.dry_run:
             return
         raise _one_off_failure(hs, res, "migrate.py", service, "migration failed")
 
     fan_out([hs], step)
+
+
+def _run_one_off(hs: HostSession, argv: list[str], step_id: str, container: str, what: str, outcome):
+    """A one-off container whose output streams, and which an interrupt stops on the host."""
+    if hs.dry_run:
+        return hs.runner.run(argv)
+    env = hs.env
+    return hs.runner.run_stoppable(argv, bk.stop_argv(env.env_dir, env.compose_project, env.db_service,
+                                                      step_id, container),
+                                   what=what, outcome=outcome, echo=True)
 
 
 def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
@@ -380,7 +411,10 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
             # Protected environments get only the smoke tests that write nothing.
             argv.append("--read-only")
             hs.say(f"{env.name} is protected: running the read-only subset only")
-        res = hs.runner.run(compose.run(app, argv), check=False, what="run_tests.py")
+        step_id = bk.new_step_id()
+        name = _one_off_name(env, "test", step_id)
+        res = _run_one_off(hs, compose.run(app, argv, name=name), step_id, name, "run_tests.py",
+                           _one_off_outcome("the test run", "its container was removed"))
         if res.exited == 0 or hs.dry_run:
             return 0
         if res.exited == 1:
@@ -399,16 +433,26 @@ def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | Non
     """Dump on the db host, verify there, pull back, verify here, then apply retention."""
     env = hosts[0].env
     hs = one_off_host(hosts)
-    report = bk.Reporter(out or sys.stdout)
+    report = bk.Reporter(out or hs.out)
+    keep = limits.KEEP.check(env.backup_keep if keep is None else keep)
     if hs.dry_run:
+        # Nothing local is created either: no backup directory, no lock file.
         name = bk.backup_name(env, bk.utc_stamp())
-        hs.runner.run(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, name))
+        hs.runner.run(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, name, "0" * 16))
         hs.runner.run(["cat", "--", f"{env.env_dir}/backups/{name}"])
         hs.say(f"pull -> {env.backup_dir / name} (.part, fsync, sha256 check, then rename) and a manifest")
-        hs.runner.run(bk.prune_argv(env.env_dir, keep or env.backup_keep, bk.backup_prefix(env)))
+        hs.runner.run(bk.prune_argv(env.env_dir, keep, bk.backup_prefix(env), name))
         return None
     with bk.EnvLock(env.backup_dir, env.compose_project):
-        return _backup_locked(hs, env, keep or env.backup_keep, report)
+        return _backup_locked(hs, env, keep, report)
+
+
+def _dump_outcome(res) -> str:
+    if res is None:
+        return "the host did not confirm that the dump stopped; no backup was kept here"
+    if res.exited == 0:
+        return "the dump had finished on the host (it stays there); nothing was pulled here"
+    return "the dump was stopped on the host and removed; no backup was kept"
 
 
 def _backup_locked(hs: HostSession, env: Environment, keep: int, report: "bk.Reporter") -> Path:
@@ -421,8 +465,10 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int, report: "bk.Rep
         n += 1
         final = directory / bk.backup_name(env, f"{bk.utc_stamp(created)}-{n}")
     report.line(f"backup {env.name}: dumping the {env.db_service} service's database on {hs.name}")
-    res = hs.runner.run(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, final.name),
-                        echo=False, check=False, what="backup")
+    step = bk.new_step_id()
+    res = hs.runner.run_stoppable(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, final.name, step),
+                                  bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
+                                  what="the dump", outcome=_dump_outcome)
     if res.exited != 0:
         raise RemoteError(f"{hs.name}: backup failed (exit {res.exited}): {last_line(res.stderr) or last_line(res.stdout)}; "
                           "no backup was kept")
@@ -434,9 +480,10 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int, report: "bk.Rep
     manifest["file"] = final.name
     bk.write_manifest(final, manifest)
     report.line(f"backup {env.name}: {final} ({bk.human(size)}, sha256 {sha}) verified")
-    # Retention only now that the new backup is known good.
-    removed = bk.prune_local(directory, env, keep)
-    pruned = hs.runner.run(bk.prune_argv(env.env_dir, keep, bk.backup_prefix(env)), echo=False, check=False, what="pruning")
+    # Retention only now that the new backup is known good, and never the new backup.
+    removed = bk.prune_local(directory, env, keep, newest=final)
+    pruned = hs.runner.run(bk.prune_argv(env.env_dir, keep, bk.backup_prefix(env), final.name),
+                           echo=False, check=False, what="pruning")
     remote_removed = pruned.stdout.split()
     if removed or remote_removed:
         report.line(f"retention (keep {keep}): removed {len(removed)} local and {len(remote_removed)} remote old backups")
@@ -447,22 +494,46 @@ def restore(hosts: list[HostSession], file: str | None = None, yes: bool = False
             stdin: IO[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> None:
     env = hosts[0].env
     hs = one_off_host(hosts)
-    report = bk.Reporter(out or sys.stdout)
+    report = bk.Reporter(out or hs.out)
+    if hs.dry_run:
+        # Checks the file as a real run would, then prints the commands; creates nothing.
+        _restore_checked(hs, env, file, yes, allow_other_env, stdin, err or hs.err, report)
+        return
     with bk.EnvLock(env.backup_dir, env.compose_project):
-        _restore_locked(hs, env, file, yes, allow_other_env, stdin, err, report)
+        _restore_checked(hs, env, file, yes, allow_other_env, stdin, err or hs.err, report)
 
 
-def _restore_locked(hs, env, file, yes, allow_other_env, stdin, err, report) -> None:
-    if file:
-        path = Path(file)
+def _backup_to_restore(env: Environment, file: str | None) -> Path:
+    """The file to restore: --file (a symlink is followed, so that the target's manifest
+    and checksum are the ones checked), else the newest verified local backup."""
+    if file is not None:
+        if not file:
+            raise UsageError("--file needs a path")
+        try:
+            path = Path(file).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise UsageError(f"{file}: no such backup file") from None
         if not path.is_file():
-            raise UsageError(f"{path}: no such backup file")
-    else:
-        found = bk.local_backups(env.backup_dir, env)
-        if not found:
-            raise DeployError(f"no verified backup of '{env.name}' in {env.backup_dir}",
-                              hint=f"take one with `deploy {env.name} backup`, or pass --file PATH")
-        path = found[0]
+            raise UsageError(f"{file}: not a regular file")
+        return path
+    found = bk.local_backups(env.backup_dir, env)
+    if not found:
+        raise DeployError(f"no verified backup of '{env.name}' in {env.backup_dir}",
+                          hint=f"take one with `deploy {env.name} backup`, or pass --file PATH")
+    return found[0].resolve()
+
+
+def _restore_outcome(res) -> str:
+    if res is not None and bk.COMMITTED in res.stdout:
+        return "the restore had already committed before it could be stopped: the backup's data is in place"
+    if res is None:
+        return ("the host did not confirm that the restore stopped; its single transaction commits "
+                "only at the end: check the database")
+    return "the restore was stopped on the host and its transaction rolled back: the database is as it was"
+
+
+def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report) -> None:
+    path = _backup_to_restore(env, file)
     expected, manifest = bk.read_checksum(path)
     actual = bk.file_sha256(path)
     if expected is not None and actual != expected:
@@ -476,25 +547,37 @@ def _restore_locked(hs, env, file, yes, allow_other_env, stdin, err, report) -> 
         confirm(env.name, f"REPLACE the database of {env.name} with {path.name}", yes=yes, stdin=stdin, out=err)
     report.line(f"restore {env.name}: {path} ({bk.human(path.stat().st_size)}, sha256 "
                 f"{'verified' if expected else 'not recorded; pg_restore will read it in full first'})")
+    step = bk.new_step_id()
     if hs.dry_run:
         hs.runner.run(bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual,
-                                      f"{env.env_dir}/backups/.restore-XXXX.dump"))
+                                      f"{env.env_dir}/backups/.restore-XXXX.dump", step))
         return
     if env.protected:
         safety = _backup_locked(hs, env, max(env.backup_keep, 2), report)
         report.line(f"safety backup of the current data: {safety}")
     remote_dir = hs.runner.run(bk.resolve_dir_argv(env.env_dir), echo=False,
                                what="preparing the upload").stdout.strip()
-    remote_file = f"{remote_dir}/.restore-{secrets.token_hex(4)}.dump"
+    remote_file = f"{remote_dir}/.restore-{step}.dump"
     size = path.stat().st_size
     started = time.monotonic()
     hs.runner.put_file(str(path), remote_file, progress=lambda done: report.progress(done, size, started))
     report.progress(size, size, started, final=True)
-    res = hs.runner.run(bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual, remote_file),
-                        echo=False, check=False, what="restore")
+    res = hs.runner.run_stoppable(
+        bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual, remote_file, step),
+        bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
+        what="the restore", outcome=_restore_outcome)
+    for line in res.stderr.splitlines():
+        if line.startswith(("stopping the services", "started again", "could not start again")):
+            report.line(line)
     if res.exited != 0:
         detail = last_line(res.stderr) or last_line(res.stdout)
-        if "restoring in one transaction" in res.stderr:
+        if detail.startswith(("started again", "could not start again")):
+            detail = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(
+                ("started again", "could not start again"))][-1:] or [detail]
+            detail = detail[0].strip()
+        if bk.COMMITTED in res.stdout:
+            detail += "; the restore itself had committed"
+        elif "restoring in one transaction" in res.stderr:
             detail += "; the transaction was rolled back, the database is as it was"
         elif "not touched" not in detail:
             detail += "; the database was not touched"

@@ -4,6 +4,7 @@ The one place where a command is turned into a string (shlex.join) and executed.
 """
 from __future__ import annotations
 
+import codecs
 import collections
 import shlex
 import sys
@@ -19,13 +20,16 @@ from invoke.exceptions import CommandTimedOut
 from paramiko.buffered_pipe import PipeTimeout
 from paramiko.ssh_exception import SSHException
 
-from .errors import ConnectError, RemoteError
+from .errors import ConnectError, RemoteError, StepInterrupted, shielded_from_interrupts
 
 
 # Set when Ctrl+C was forwarded to a remote pty. Invoke then waits for the remote
 # command to end (compose stops the services cleanly) and returns its exit code as if
 # nothing happened; we re-raise the interrupt once it has.
 INTERRUPTED = threading.Event()
+
+# How long an interrupted client waits for the host to stop a step and report.
+STOP_WAIT = 120.0
 
 STREAM_CHUNK = 1 << 20
 STREAM_WINDOW = 16 << 20
@@ -256,6 +260,61 @@ class HostRunner:
             raise KeyboardInterrupt
         return Result(status, out.decode(errors="replace"), b"".join(err_chunks).decode(errors="replace"))
 
+    def run_stoppable(self, argv: list[str], stop_argv: list[str], *, what: str,
+                      outcome=None, echo: bool = False) -> Result:
+        """Run a step that changes or reads data (a restore, a dump, a migration) quietly,
+        and if the operator interrupts it (Ctrl+C, SIGTERM, SIGHUP), stop it on the host
+        with stop_argv over the same connection, wait for it to end, and raise
+        StepInterrupted saying what became of it (`outcome(result)` words that; result is
+        None if the host did not answer in time). Never "exit and let it run"."""
+        command = self._command(argv)
+        out = _Collected(LineWriter(self.stdout, self.prefix) if echo else None)
+        err = _Collected(LineWriter(self.stderr, self.prefix) if echo else None)
+        try:
+            chan = self.conn.transport.open_session()
+            chan.settimeout(self.command_timeout)
+            chan.exec_command(command)
+            drain = threading.Thread(target=_drain, args=(chan.recv_stderr, err), daemon=True)
+            drain.start()
+            try:
+                _drain(chan.recv, out)
+            except KeyboardInterrupt as exc:
+                raise self._stop_step(exc, chan, drain, out, err, stop_argv, what, outcome) from None
+            drain.join(self.command_timeout)
+            status = chan.recv_exit_status()
+            chan.close()
+        except TimeoutError:
+            raise self._timed_out(what, self.command_timeout) from None
+        except (OSError, EOFError, SSHException) as exc:
+            raise ConnectError(f"{self.name}: connection lost during {what}: {exc or type(exc).__name__}") from None
+        finally:
+            out.finish()
+            err.finish()
+        return Result(status, out.text(), err.text())
+
+    def _stop_step(self, exc: KeyboardInterrupt, chan, drain, out, err, stop_argv, what, outcome) -> StepInterrupted:
+        say = LineWriter(self.stderr, self.prefix)
+        say.write(f"{self.name}: interrupted; stopping {what} on the host and waiting for it to end\n")
+        with shielded_from_interrupts(lambda: say.write(f"{self.name}: still stopping {what}; "
+                                                          "waiting for the host to confirm\n")):
+            result = None
+            try:
+                self._capture(command_line(stop_argv), 30, f"stopping {what}")
+                chan.settimeout(STOP_WAIT)
+                _drain(chan.recv, out)
+                drain.join(STOP_WAIT)
+                result = Result(chan.recv_exit_status(), out.text(), err.text())
+                chan.close()
+            except (TimeoutError, OSError, EOFError, SSHException, RemoteError, ConnectError):
+                result = None
+        if outcome is not None:
+            text = outcome(result)
+        elif result is None:
+            text = f"the host did not confirm within {STOP_WAIT:g} s that {what} stopped; check it there"
+        else:
+            text = f"{what} was stopped on the host (exit {result.exited})"
+        return StepInterrupted(exc, text)
+
     def stream_out(self, argv: list[str], sink, *, what: str | None = None) -> None:
         """Run argv and hand its stdout to sink() in chunks as they arrive (memory stays flat).
 
@@ -289,26 +348,90 @@ class HostRunner:
             self.put_fileobj(src, remote_path, progress, mode)
 
     def put_fileobj(self, src, remote_path: str, progress=None, mode: int = 0o600) -> None:
-        """Upload from a file object over SFTP (pipelined, large requests); memory stays flat."""
+        """Upload from a file object over SFTP (pipelined, large requests); memory stays flat.
+
+        The file is created with `mode` (0600: releases hold the .env, restores hold the
+        data), never wider and chmod'ed after, and is new (O_EXCL). If the upload fails or
+        is interrupted, the partial file is removed before the error goes on, so nothing
+        holding secrets or data is left on the host (a lost connection cannot remove it;
+        the next run's sweep does)."""
         done = 0
         sftp = None
+        created = False
         try:
             sftp = paramiko.SFTPClient.from_transport(self.conn.transport, window_size=STREAM_WINDOW,
                                                       max_packet_size=STREAM_PACKET)
-            with sftp.open(remote_path, "wb") as dst:
+            with _create(sftp, remote_path, mode) as dst:
+                created = True
                 dst.MAX_REQUEST_SIZE = SFTP_REQUEST    # sftp-server takes messages up to 256 KiB
                 dst.set_pipelined(True)
-                dst.chmod(mode)
                 while chunk := src.read(STREAM_CHUNK):
                     dst.write(chunk)
                     done += len(chunk)
                     if progress:
                         progress(done)
-        except (OSError, EOFError, SSHException) as exc:
-            raise ConnectError(f"{self.name}: upload to {remote_path} failed: {exc}") from None
+        except BaseException as exc:
+            if created:
+                _remove_quietly(sftp, remote_path)
+            if isinstance(exc, (OSError, EOFError, SSHException)):
+                raise ConnectError(f"{self.name}: upload to {remote_path} failed: {exc}") from None
+            raise
         finally:
             if sftp is not None:
                 sftp.close()
+
+
+def _create(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFile:
+    """SFTPClient.open(path, "wx") with the file's permissions given at creation.
+
+    paramiko's open() sends no attributes, so the server creates the file with its
+    default mode (0644 after sftp-server's umask) and a chmod could only narrow it
+    afterwards; here the OPEN request itself carries the mode."""
+    from paramiko.sftp import CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_WRITE, SFTPError
+    attrs = paramiko.SFTPAttributes()
+    attrs.st_mode = mode
+    t, msg = sftp._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
+    if t != CMD_HANDLE:
+        raise SFTPError("Expected handle")
+    return paramiko.SFTPFile(sftp, msg.get_binary(), "wb")
+
+
+def _remove_quietly(sftp, path: str) -> None:
+    with shielded_from_interrupts(lambda: None):
+        try:
+            sftp.remove(path)
+        except Exception:
+            pass
+
+
+class _Collected:
+    """A channel stream's bytes as they arrive (kept across an interrupt), echoed line by
+    line when a writer is given."""
+
+    def __init__(self, writer: LineWriter | None):
+        self.chunks: list[bytes] = []
+        self.writer = writer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def append(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.writer:
+            self.writer.write(self.decoder.decode(data))
+
+    def finish(self) -> None:
+        if self.writer:
+            self.writer.write(self.decoder.decode(b"", final=True))
+            self.writer.finish()
+            self.writer = None
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+
+def _drain(recv, chunks) -> None:
+    """Read a channel stream to its end into chunks (which outlive an interrupt)."""
+    while data := recv(65536):
+        chunks.append(data)
 
 
 def command_line(argv: list[str], cwd: str | None = None) -> str:
