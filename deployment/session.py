@@ -111,9 +111,10 @@ def fan_out(hosts: list[HostSession], step: Callable[[HostSession], object],
     """Run step on every host (in parallel when there are several), closing connections after.
 
     One host: its error propagates as is. Several: each host's result or error becomes an
-    Outcome, a per-host summary is printed, and the worst failure is raised.
+    Outcome, a per-host summary is printed (to the invocation's output unless `out` says
+    otherwise), and the worst failure is raised.
     """
-    out = out or sys.stdout
+    out = out or hosts[0].out
     if len(hosts) == 1:
         try:
             return [Outcome(hosts[0].name, 0, "ok", step(hosts[0]))]
