@@ -193,7 +193,9 @@ ROWS = [
     Row("up-d", ["{env}", "up", "-d"], check=up_detached),
     Row("up-build", ["{env}", "up", "--build"], custom=up_foreground(build=True)),
     # 2. down
-    Row("down", ["{env}", "down"], given=given_up, check=down_removed(volumes_too=False)),
+    # A plain down of a protected environment is an outage: it needs confirmation too.
+    Row("down", ["{env}", "down"], given=given_up, check=down_removed(volumes_too=False),
+        protected_extra=["--yes"]),
     Row("down-volumes", ["{env}", "down", "--volumes"], given=given_up, check=down_removed(volumes_too=True),
         protected_extra=["--yes"]),
     # 3. build
