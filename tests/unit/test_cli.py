@@ -117,3 +117,64 @@ def test_main_handles_sigterm_only_while_it_runs_and_puts_the_old_handler_back(h
         assert seen == ["sent", "caller's"]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --- hostile input: counts, help, streams, exit codes -------------------------------------
+
+@pytest.mark.parametrize("keep", ["0", "-1", "18446744073709551615", "abc", "10001", "1.5", ""])
+def test_keep_outside_1_to_10000_is_a_usage_error(hosts, keep):
+    code, out, err = run(["--dry-run", "dev", "backup", "--keep", keep])
+    assert code == 2 and "keep must be a whole number from 1 to 10000" in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["dev", "up", "web", "--help"], ["dev", "up", "--help", "web"], ["dev", "logs", "--tail", "x", "-h"],
+    ["--help", "dev", "up"], ["dev", "--help", "up"],
+])
+def test_help_wherever_it_stands(hosts, argv):
+    code, out, err = run(argv)
+    assert code == 0 and err == "" and ("usage: deploy ENV up" in out or "usage: deploy ENV logs" in out), (out, err)
+
+
+def test_help_after_double_dash_is_a_service_name(hosts):
+    code, _, err = run(["dev", "build", "--", "--help"])
+    assert code == 2 and "unknown service '--help'" in err
+
+
+def test_the_fan_out_summary_goes_to_the_stdout_main_was_given(hosts, capsys):
+    code, out, err = run(["--dry-run", "prod", "up", "-d"])
+    assert code == 0 and "summary:" in out
+    assert capsys.readouterr().out == ""
+
+
+def test_an_internal_error_exits_70_with_one_line(hosts, monkeypatch):
+    from deployment import operations
+    monkeypatch.setattr(operations, "status", lambda *a, **k: {}["boom"])
+    code, out, err = run(["--dry-run", "dev", "status"])
+    assert code == 70
+    assert err.startswith("deploy: internal error: KeyError") and "Traceback" not in err
+
+
+def test_main_never_raises_system_exit(hosts, monkeypatch):
+    from deployment import operations
+
+    def exits(*a, **k):
+        raise SystemExit(4)
+    monkeypatch.setattr(operations, "status", exits)
+    assert run(["--dry-run", "dev", "status"])[0] == 4
+
+
+def test_protected_plain_down_without_tty_or_yes_refuses(hosts):
+    code, out, err = run(["prod", "down"])
+    assert code == 2 and "protected" in err and "--yes" in err
+
+
+def test_dry_run_backup_and_restore_create_nothing_locally(hosts, tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, _ = run(["--dry-run", "dev", "backup"])
+    assert code == 0 and "pg_dump" in out
+    code, _, err = run(["--dry-run", "dev", "restore"])
+    assert code == 1 and "no verified backup" in err
+    assert list(work.iterdir()) == []
