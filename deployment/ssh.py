@@ -2,32 +2,53 @@
 
 Policy, in one place:
 - host keys are verified: paramiko's RejectPolicy against the inventory's known_hosts,
-  ssh_config's UserKnownHostsFile and the system file; unknown or changed keys are
-  refused. Fabric's own default (accept and add unknown keys, no known_hosts) is overridden, for
-  ProxyJump hops too;
-- ssh_config is honoured (HostName, User, Port, IdentityFile, ProxyJump, ...);
+  ssh_config's UserKnownHostsFile and the system file; unknown, changed and revoked keys
+  are refused. Fabric's own default (accept and add unknown keys, no known_hosts) is
+  overridden, for ProxyJump hops too;
+- those files are read by our own reader (read_known_hosts), not paramiko's: a line it
+  cannot use is skipped with a warning naming file and line, as OpenSSH skips it, where
+  paramiko would raise (or, for a malformed hashed name, crash at connect time);
+- ssh_config is honoured (HostName, User, Port, IdentityFile, ProxyJump, ...); one that is
+  not UTF-8, does not parse or holds a value that cannot be used is a UsageError naming
+  the file (and the line);
 - connect, banner, auth and channel timeouts, and a keepalive once connected;
 - one connection per host per invocation: callers keep the Connection and reuse it.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import os
+import re
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import fabric
 import paramiko
-from paramiko.ssh_exception import (AuthenticationException, BadHostKeyException,
-                                    NoValidConnectionsError, SSHException)
+from paramiko.config import SSHConfig
+from paramiko.hostkeys import HostKeyEntry
+from paramiko.ssh_exception import (AuthenticationException, BadHostKeyException, ConfigParseError,
+                                    CouldNotCanonicalize, NoValidConnectionsError, SSHException)
 
-from .errors import ConnectError, HostKeyError
+from .errors import ConnectError, HostKeyError, UsageError
 from .inventory import Environment, Host
 from .runner import InterruptibleRemote
 
 SYSTEM_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
 KEEPALIVE_SECONDS = 15
+
+Warn = Callable[[str], None]
+
+
+def warn_stderr(msg: str) -> None:
+    """The default `warn`: one line on stderr."""
+    sys.stderr.write(f"deploy: warning: {msg}\n")
+    sys.stderr.flush()
 
 
 class _Transport(paramiko.Transport):
@@ -91,16 +112,219 @@ class SSHPolicy:
                    connect_timeout=env.connect_timeout, user=env.user, port=env.port)
 
 
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, exc.start) + 1
+    return f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})"
+
+
+class _NumberedLines:
+    """The lines of a text as a file yields them, remembering the number of the last one."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.lineno = 0
+
+    def __iter__(self):
+        for self.lineno, line in enumerate(io.StringIO(self.text, newline=None), 1):
+            yield line
+
+
+def read_ssh_config(path: Path) -> SSHConfig:
+    """Parse an ssh_config as Fabric would (paramiko's parser), but strictly UTF-8 and with
+    every problem a UsageError naming the file and line instead of an internal error."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read ssh_config {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{_not_utf8(path, data, exc)}; an ssh_config file must be UTF-8",
+                         hint="fix that line, or save the file as UTF-8") from None
+    config = SSHConfig()
+    lines = _NumberedLines(text)
+    try:
+        config.parse(lines)
+    except ConfigParseError as exc:
+        raise UsageError(f"{path}:{lines.lineno}: not a valid ssh_config line: {exc}",
+                         hint="each line is 'Keyword value' (see `man ssh_config`); fix or remove it") from None
+    return config
+
+
 def _config(policy: SSHPolicy) -> fabric.Config:
     # lazy: no ~/.fabric.yml or /etc/fabric.yml can change SSH policy behind our back.
-    # A runtime path makes Fabric read that ssh_config only, not ~/.ssh/config as well.
+    # An explicit SSHConfig makes Fabric use that ssh_config only, not ~/.ssh/config as well.
     overrides = {"runners": {"remote": InterruptibleRemote}}
     if policy.ssh_config:
-        cfg = fabric.Config(runtime_ssh_path=str(policy.ssh_config), lazy=True, overrides=overrides)
-    else:
-        cfg = fabric.Config(lazy=True, overrides={**overrides, "load_ssh_configs": False})
+        return fabric.Config(ssh_config=read_ssh_config(Path(os.path.expanduser(policy.ssh_config))),
+                             lazy=True, overrides=overrides)
+    cfg = fabric.Config(lazy=True, overrides={**overrides, "load_ssh_configs": False})
     cfg.load_ssh_config()
     return cfg
+
+
+_NUMBER = ("must be a whole number", str.isdigit)
+_SETTING_RULES = {"port": ("Port", *_NUMBER), "connecttimeout": ("ConnectTimeout", *_NUMBER),
+                  "forwardagent": ("ForwardAgent", "must be yes or no", lambda v: v in ("yes", "no"))}
+
+
+def _unusable_setting(cfg: fabric.Config, name: str, exc: Exception) -> str:
+    """Why Fabric could not use the ssh_config's settings for `name` (an error path only)."""
+    try:
+        found = cfg.base_ssh_config.lookup(name)
+    except Exception:  # noqa: BLE001 - only to word the error; the original one is shown then
+        found = {}
+    for key, (shown, rule, ok) in _SETTING_RULES.items():
+        if key in found and not ok(found[key]):
+            return f"{shown} {found[key]!r} {rule}"
+    if "proxyjump" in found:
+        return f"ProxyJump {found['proxyjump']!r}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# --- known_hosts ---------------------------------------------------------------------------
+#
+# paramiko 5 does not know the @cert-authority and @revoked markers at all: it reads the
+# marker as the host names field, so the key type is taken from the host field and the line
+# fails to decode (InvalidHostKey, raised out of load_system_host_keys) or is dropped. Here
+# a @revoked key is never trusted, whichever file or line lists it, and a presented revoked
+# key is refused as such; @cert-authority lines are skipped (paramiko cannot check host
+# certificates), with a warning, since a host trusted only through its CA will be refused.
+
+_FIELDS = re.compile(r"[ \t]+")
+MARKERS = ("@cert-authority", "@revoked")
+
+
+def _hashed_name_ok(name: str) -> bool:
+    """`|1|salt|hash` as OpenSSH writes it; paramiko would fail on a malformed one at connect."""
+    parts = name.split("|")
+    if len(parts) != 4 or parts[1] != "1":
+        return False
+    try:
+        return all(len(base64.b64decode(p, validate=True)) == 20 for p in parts[2:])
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _parse_line(fields: list[str], lineno: int) -> tuple[HostKeyEntry | None, str]:
+    """The entry for `names keytype base64 [comment]`, or None and why not."""
+    if len(fields) < 3:
+        return None, "too few fields (expected: host names, key type, key)"
+    names, keytype, b64 = fields[:3]
+    for name in names.split(","):
+        if name.startswith("|") and not _hashed_name_ok(name):
+            return None, "malformed hashed host name"
+    try:
+        blob = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        return None, "the key is not valid base64"
+    try:
+        entry = HostKeyEntry.from_line(f"{names} {keytype} {b64}", lineno)
+    except Exception:  # noqa: BLE001 - whatever a line holds, it must not stop the tool
+        entry = False
+    if entry is None:
+        return None, f"key type {keytype!r} is not supported"
+    # A truncated key can still load (as another key); only an exact round trip is that key.
+    if entry is False or entry.key.asbytes() != blob:
+        inner = _blob_type(blob)
+        if inner and inner != keytype:
+            return None, f"the key is of type {inner!r}, not {keytype!r}"
+        return None, f"the key is not a valid {keytype} key (truncated or malformed)"
+    return entry, ""
+
+
+def _blob_type(blob: bytes) -> str | None:
+    """The key type a public key blob names (its first SSH string), if readable."""
+    size = int.from_bytes(blob[:4], "big")
+    try:
+        return blob[4:4 + size].decode("ascii") if 0 < size <= 64 and len(blob) >= 4 + size else None
+    except UnicodeDecodeError:
+        return None
+
+
+def read_known_hosts(path: Path, warn: Warn = warn_stderr) -> tuple[list[tuple[HostKeyEntry, bytes]], set[bytes]]:
+    """A known_hosts file as OpenSSH reads it: ([(trusted entry, key blob)], {revoked key blobs}).
+
+    A missing file is empty. A line that cannot be used is skipped with a warning naming the
+    file and line; the other lines still count. A file that cannot be read is skipped with a
+    warning (its keys are not trusted). Only a file that is not UTF-8 is an error
+    (HostKeyError): no key is taken from a file that was not read as written.
+    """
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return [], set()
+    except OSError as exc:
+        warn(f"{path}: cannot read it ({exc.strerror or exc}); no key in it is trusted")
+        return [], set()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HostKeyError(f"{_not_utf8(path, data, exc)}; a known_hosts file must be UTF-8",
+                           hint="fix or remove that line, or save the file as UTF-8") from None
+    entries: list[tuple[HostKeyEntry, bytes]] = []
+    revoked: set[bytes] = set()
+    for lineno, line in enumerate(text.split("\n"), 1):
+        fields = _FIELDS.split(line.strip(" \t\r"))
+        if not fields[0] or fields[0].startswith("#"):
+            continue
+        marker = fields.pop(0) if fields[0].startswith("@") else None
+        if marker is not None and marker not in MARKERS:
+            warn(f"{path}:{lineno}: line ignored: unknown marker {marker!r}")
+            continue
+        entry, why = _parse_line(fields, lineno)
+        if entry is None:
+            if marker == "@revoked":
+                why += "; the key it revokes is unknown"
+            warn(f"{path}:{lineno}: line ignored: {why}")
+        elif marker == "@revoked":
+            revoked.add(entry.key.asbytes())
+        elif marker == "@cert-authority":
+            warn(f"{path}:{lineno}: line ignored: @cert-authority is not supported "
+                 "(host certificates are not checked; list the host's own key)")
+        else:
+            entries.append((entry, entry.key.asbytes()))
+    return entries, revoked
+
+
+class _TrustedKeys:
+    """The known_hosts files of one connection() call, each read once (a ProxyJump hop and
+    the target usually share them), so each warning is given once."""
+
+    def __init__(self, warn: Warn):
+        self.warn = warn
+        self._files: dict[Path, tuple[list[tuple[HostKeyEntry, bytes]], set[bytes]]] = {}
+
+    def __call__(self, paths: list[Path]) -> tuple[list[HostKeyEntry], frozenset[bytes]]:
+        entries: list[tuple[HostKeyEntry, bytes]] = []
+        revoked: set[bytes] = set()
+        for path in dict.fromkeys(paths):
+            if path not in self._files:
+                self._files[path] = read_known_hosts(path, self.warn)
+            more, gone = self._files[path]
+            entries += more
+            revoked |= gone
+        # Like OpenSSH, a revoked key is refused even where another line lists it.
+        return [e for e, blob in entries if blob not in revoked], frozenset(revoked)
+
+
+class RevokedHostKey(SSHException):
+    def __init__(self, hostname: str, key: paramiko.PKey):
+        super().__init__(f"Server {hostname!r} presented a revoked host key")
+        self.hostname = hostname
+        self.key = key
+
+
+class _RejectPolicy(paramiko.RejectPolicy):
+    """Refuse unknown keys, telling a revoked one apart (it was filtered out of the known keys)."""
+
+    def __init__(self, revoked: frozenset[bytes]):
+        self.revoked = revoked
+
+    def missing_host_key(self, client, hostname, key):
+        if key.asbytes() in self.revoked:
+            raise RevokedHostKey(hostname, key)
+        super().missing_host_key(client, hostname, key)
 
 
 def _known_host_files(policy: SSHPolicy, conn: fabric.Connection) -> list[Path]:
@@ -111,14 +335,14 @@ def _known_host_files(policy: SSHPolicy, conn: fabric.Connection) -> list[Path]:
     return files
 
 
-def _harden(conn: fabric.Connection, policy: SSHPolicy) -> None:
+def _harden(conn: fabric.Connection, policy: SSHPolicy, trusted: _TrustedKeys) -> None:
     """Apply the host-key policy and timeouts to a connection and to every gateway hop."""
     client = conn.client
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    for path in _known_host_files(policy, conn):
-        if path.is_file():
-            # load_system_host_keys: read-only; paramiko never writes these back.
-            client.load_system_host_keys(str(path))
+    entries, revoked = trusted(_known_host_files(policy, conn))
+    client.set_missing_host_key_policy(_RejectPolicy(revoked))
+    # What load_system_host_keys fills (it appends the same HostKeyEntry objects): checked
+    # first at connect, and never written back. paramiko has no public way to add entries.
+    client._system_host_keys._entries.extend(entries)
     if conn.connect_timeout is None:
         conn.connect_timeout = policy.connect_timeout
     timeout = policy.connect_timeout
@@ -127,25 +351,44 @@ def _harden(conn: fabric.Connection, policy: SSHPolicy) -> None:
     conn.connect_kwargs.setdefault("channel_timeout", timeout)
     conn.connect_kwargs.setdefault("transport_factory", _Transport)
     if isinstance(conn.gateway, fabric.Connection):
-        _harden(conn.gateway, policy)
+        _harden(conn.gateway, policy, trusted)
 
 
-def connection(host: Host, policy: SSHPolicy) -> fabric.Connection:
-    """A configured, not yet opened Connection for `host` (dry-run can describe it)."""
+def connection(host: Host, policy: SSHPolicy, *, warn: Warn | None = None) -> fabric.Connection:
+    """A configured, not yet opened Connection for `host` (dry-run can describe it).
+
+    `warn` is told of each known_hosts line skipped (default: warn_stderr).
+    """
     cfg = _config(policy)
     user = host.user or policy.user
     port = host.port or policy.port
-    conn = fabric.Connection(host.name, user=user, port=port, config=cfg,
-                             connect_timeout=None)
-    _harden(conn, policy)
+    try:
+        # Fabric applies the ssh_config here (for ProxyJump hops too): int(Port), ...
+        conn = fabric.Connection(host.name, user=user, port=port, config=cfg,
+                                 connect_timeout=None)
+    except CouldNotCanonicalize as exc:
+        raise ConnectError(f"{host.label}: cannot canonicalize host name {exc} "
+                           f"(CanonicalizeHostname in {policy.ssh_config})") from None
+    except (ConfigParseError, ValueError, KeyError) as exc:
+        if not policy.ssh_config:
+            raise
+        raise UsageError(f"{policy.ssh_config}: its settings for {host.name} cannot be used: "
+                         f"{_unusable_setting(cfg, host.name, exc)}",
+                         hint="fix that setting in the ssh_config") from None
+    _harden(conn, policy, _TrustedKeys(warn or warn_stderr))
     return conn
 
 
-def open_connection(host: Host, policy: SSHPolicy) -> fabric.Connection:
-    conn = connection(host, policy)
+def open_connection(host: Host, policy: SSHPolicy, *, warn: Warn | None = None) -> fabric.Connection:
+    conn = connection(host, policy, warn=warn)
     where = f"{host.label} ({conn.user}@{conn.host}:{conn.port})"
     try:
         conn.open()
+    except RevokedHostKey as exc:
+        raise HostKeyError(
+            f"{where}: host key REVOKED ({exc.hostname} presented {exc.key.get_name()} "
+            f"{exc.key.get_fingerprint().hex()}, marked @revoked in known_hosts); refusing to connect",
+            hint="the host must get a new key; verify it out of band and add it to known_hosts") from None
     except BadHostKeyException as exc:
         raise HostKeyError(
             f"{where}: host key CHANGED (got {exc.key.get_name()} {exc.key.get_fingerprint().hex()}); "

