@@ -100,13 +100,16 @@ PRUNE_SCRIPT = EXPAND_DIR + (
 # the backup (a newer migration's table) go too. pg_restore writes SQL into psql; COMMIT
 # ($9) is sent only after pg_restore succeeded, so a failure or a stop anywhere rolls
 # everything back. psql prints the marker after COMMIT, so the client knows.
-RESTORE_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; ' + _FIND_DB + _step_pid(7) + (
-    'f=$5; tmp="/tmp/deploy-restore.$$.dump"; stopped=""; names=""; '
-    'cleanup() { rm -f "$f" "$step"; docker exec "$c" rm -f "$tmp" "$tmp.failed" >/dev/null 2>&1 || true; '
+RESTORE_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; ' + (
+    # The uploaded file goes on any exit, also when the db is not running.
+    'f=$5; c=""; step=""; tmp="/tmp/deploy-restore.$$.dump"; stopped=""; names=""; '
+    'cleanup() { rm -f "$f"; [ -z "$step" ] || rm -f "$step"; '
+    '  [ -z "$c" ] || docker exec "$c" rm -f "$tmp" "$tmp.failed" >/dev/null 2>&1 || true; '
     '  if [ -n "$stopped" ]; then '
     '    if docker start $stopped >/dev/null; then echo "started again: $names" >&2; '
     '    else echo "could not start again: $names" >&2; fi; fi; }; '
     'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
+) + _FIND_DB + _step_pid(7) + (
     'sha=$(sha256sum "$f"); sha=${sha%% *}; '
     'if [ "$sha" != "$4" ]; then echo "the uploaded file does not match its checksum" >&2; exit 4; fi; '
     'docker cp "$f" "$c:$tmp"; '

@@ -133,3 +133,38 @@ class shielded_from_interrupts:
         for sig, old in self.previous.items():
             signal.signal(sig, signal.SIG_DFL if old is None else old)
         return False
+
+
+class deferred_interrupts:
+    """Ctrl+C, SIGTERM and SIGHUP held back until `check()`, which raises them at a point
+    the caller chose. For protocol exchanges that must not be cut in the middle (an SFTP
+    upload: an interrupt inside paramiko's request bookkeeping leaves the SFTP session
+    waiting forever for a reply it already consumed). Leaving the block raises a held
+    interrupt that no check() raised. Only the main thread can do this."""
+
+    def __init__(self):
+        self.pending: KeyboardInterrupt | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+
+        def handler(signum, _frame):
+            if self.pending is None:
+                self.pending = KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def check(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            raise pending
+
+    def __exit__(self, exc_type, *_):
+        for sig, old in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+        if exc_type is None:
+            self.check()
+        return False

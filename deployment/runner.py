@@ -20,7 +20,7 @@ from invoke.exceptions import CommandTimedOut
 from paramiko.buffered_pipe import PipeTimeout
 from paramiko.ssh_exception import SSHException
 
-from .errors import ConnectError, RemoteError, StepInterrupted, shielded_from_interrupts
+from .errors import ConnectError, RemoteError, StepInterrupted, deferred_interrupts, shielded_from_interrupts
 
 
 # Set when Ctrl+C was forwarded to a remote pty. Invoke then waits for the remote
@@ -359,17 +359,21 @@ class HostRunner:
         sftp = None
         created = False
         try:
-            sftp = paramiko.SFTPClient.from_transport(self.conn.transport, window_size=STREAM_WINDOW,
-                                                      max_packet_size=STREAM_PACKET)
-            with _create(sftp, remote_path, mode) as dst:
-                created = True
-                dst.MAX_REQUEST_SIZE = SFTP_REQUEST    # sftp-server takes messages up to 256 KiB
-                dst.set_pipelined(True)
-                while chunk := src.read(STREAM_CHUNK):
-                    dst.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done)
+            with deferred_interrupts() as interrupts:
+                sftp = paramiko.SFTPClient.from_transport(self.conn.transport, window_size=STREAM_WINDOW,
+                                                          max_packet_size=STREAM_PACKET)
+                sftp.get_channel().settimeout(self.command_timeout)
+                with _create(sftp, remote_path, mode) as dst:
+                    created = True
+                    dst.MAX_REQUEST_SIZE = SFTP_REQUEST    # sftp-server takes messages up to 256 KiB
+                    dst.set_pipelined(True)
+                    while chunk := src.read(STREAM_CHUNK):
+                        dst.write(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done)
+                        # Only here, between whole SFTP requests, may an interrupt end the upload.
+                        interrupts.check()
         except BaseException as exc:
             if created:
                 _remove_quietly(sftp, remote_path)

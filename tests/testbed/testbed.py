@@ -47,9 +47,9 @@ SSH_LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
 NAMED_HOSTS = {"dev-host": "127.0.0.11", "staging-host": "127.0.0.12", "prod-host": "127.0.0.13"}
 EXTRA_HOSTS = int(os.environ.get("TESTBED_EXTRA_HOSTS", "2"))
 
-# slow-host: an sshd in a network namespace behind a veth pair whose host-to-operator
-# direction is throttled, so that "the connection dies in the middle of a transfer" can
-# be made to happen deterministically in tests.
+# slow-host: an sshd in a network namespace behind a veth pair throttled both ways, so
+# that "the connection dies (or the operator interrupts) in the middle of a transfer",
+# a pull or an upload, can be made to happen deterministically in tests.
 SLOW_NS = "dtb-slow"
 SLOW_VETH = ("dtbslow0", "dtbslow1")
 SLOW_NET = ("10.231.0.1", "10.231.0.2")
@@ -91,8 +91,11 @@ def ensure_slow_link() -> None:
         run(ns + ["ip", "addr", "add", f"{SLOW_NET[1]}/30", "dev", SLOW_VETH[1]])
         run(ns + ["ip", "link", "set", SLOW_VETH[1], "up"])
         run(ns + ["ip", "link", "set", "lo", "up"])
-        run(ns + ["tc", "qdisc", "add", "dev", SLOW_VETH[1], "root", "tbf", "rate", SLOW_RATE,
-                  "burst", "64kb", "latency", "400ms"])
+    # `replace`: idempotent, and a world made before the upload throttle existed gets it.
+    throttle = ["tc", "qdisc", "replace", "dev", None, "root", "tbf", "rate", SLOW_RATE,
+                "burst", "64kb", "latency", "400ms"]
+    run(["ip", "netns", "exec", SLOW_NS, *[SLOW_VETH[1] if a is None else a for a in throttle]])
+    run([SLOW_VETH[0] if a is None else a for a in throttle])
 
 
 # --- packages ---------------------------------------------------------------------------
