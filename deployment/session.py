@@ -53,7 +53,8 @@ class HostSession:
             if self.dry_run:
                 self._runner = DryRunner(self.name, self.out, self.prefix)
             else:
-                self._conn = ssh.open_connection(self.host, ssh.SSHPolicy.for_environment(self.env))
+                self._conn = ssh.open_connection(self.host, ssh.SSHPolicy.for_environment(self.env),
+                                                 warn=self.warn)
                 self._runner = HostRunner(self.name, self._conn, self.env.command_timeout,
                                           prefix=self.prefix, stdout=self.out, stderr=self.err,
                                           verbose=self.verbose)
@@ -62,11 +63,20 @@ class HostSession:
     def say(self, msg: str) -> None:
         LineWriter(self.out, self.prefix).write(msg + "\n")
 
+    def warn(self, msg: str) -> None:
+        """A warning (a known_hosts line skipped, ...), to the invocation's stderr."""
+        LineWriter(self.err, self.prefix).write(f"deploy: warning: {msg}\n")
+
     def sync(self, release: rel.Release, with_ps: bool = False) -> Deployed:
         if self.dry_run:
             self.say(f"sync release {release.id} ({len(release.files) + 1} files) to "
                      f"{self.env.env_dir}/releases/{release.id} unless the host has it; "
                      f"switch {self.env.env_dir}/current to it")
+            if self.verbose:
+                # What the release would ship, as paths in the release, one a line.
+                for path, _ in release.files:
+                    self.say(f"  {path}")
+                self.say(f"  {release.env_path}  (generated from the variables, mode 0600)")
             return Deployed(self.env.env_dir, release.id, *current_paths(self.env.env_dir, release),
                             uploaded=False)
         deployed = sync(self.runner, self.env, release, with_ps=with_ps)

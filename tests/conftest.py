@@ -81,6 +81,10 @@ def make_inventory(world, tmp_path):
     def make(envs: dict | None = None, compose_dir: Path = COMPOSE_DIR, **defaults) -> Path:
         project = f"t{uuid.uuid4().hex[:8]}"
         remote = Path(world["remote_root"]) / project
+        if Path(compose_dir) != COMPOSE_DIR:
+            # A copy outside git (project_copy: <root>/app and <root>/deployment/compose):
+            # its project root, which a release may ship files from, is <root>.
+            defaults.setdefault("root", str(Path(compose_dir).parent.parent))
         base = {
             "project": project,
             "defaults": {

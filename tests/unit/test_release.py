@@ -8,6 +8,7 @@ from deployment import release as rel
 
 
 def make_project(tmp_path: Path) -> Path:
+    (tmp_path / ".git").mkdir()         # a git work tree: the project root
     (tmp_path / "app" / "pkg").mkdir(parents=True)
     (tmp_path / "app" / "Dockerfile").write_text("FROM scratch\n")
     (tmp_path / "app" / "pkg" / "mod.py").write_text("x = 1\n")
@@ -47,7 +48,7 @@ def test_release_id_follows_content(tmp_path):
 
 
 def test_dotenv_keeps_values_literal():
-    assert rel.dotenv({"A": "x y", "B": "$HOME"}) == "A='x y'\nB='$HOME'\n"
+    assert rel.dotenv({"A": "x y", "B": "$HOME"}) == 'A="x y"\nB="$$HOME"\n'
     assert rel.dotenv({"C": "it's $X"}) == 'C="it\'s $$X"\n'
 
 
