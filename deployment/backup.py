@@ -167,16 +167,20 @@ COUNT_ROWS_SQL = (
 # Stops an interrupted step on the host: TERM to its shell (whose traps clean up and
 # start stopped services again), `docker kill` of its one-off container ($5, if any),
 # and the end of its database sessions ($6: the query), which rolls back whatever
-# transaction they had open.
+# transaction they had open. A one-off's sessions are found by the container's addresses
+# (handed to the query as the setting deploy.ips), since the app may set its own
+# application name; the tool's own sessions by theirs ("deploy-<step id>").
 STOP_SCRIPT = EXPAND_DIR + (
     'case $4 in ""|*[!0-9a-f]*) echo "bad step id" >&2; exit 2 ;; esac; '
     'pidf="$d/.steps/$4.pid"; '
-    'if [ -f "$pidf" ]; then kill -TERM "$(cat "$pidf")" 2>/dev/null || true; fi; '
-    'if [ -n "$5" ]; then docker kill "$5" >/dev/null 2>&1 || true; fi; '
+    'if [ -f "$pidf" ]; then kill -TERM "$(cat "$pidf")" 2>/dev/null || true; fi; ips=""; '
+    'if [ -n "$5" ]; then '
+    '  ips=$(docker inspect -f "{{range .NetworkSettings.Networks}}{{.IPAddress}},{{end}}" "$5" 2>/dev/null || true); '
+    '  docker kill "$5" >/dev/null 2>&1 || true; fi; '
     'c=$(docker ps -q --filter "label=com.docker.compose.project=$2" '
     '--filter "label=com.docker.compose.service=$3" --filter status=running | head -n 1); '
-    'if [ -n "$c" ]; then docker exec "$c" sh -c \'exec psql -X -A -t --username="$POSTGRES_USER" '
-    '--dbname="${POSTGRES_DB:-$POSTGRES_USER}" -c "$1"\' sh "$6"; fi'
+    'if [ -n "$c" ]; then docker exec -e PGOPTIONS="-c deploy.ips=${ips%,}" "$c" sh -c \'exec psql -X -A -t '
+    '--username="$POSTGRES_USER" --dbname="${POSTGRES_DB:-$POSTGRES_USER}" -c "$1"\' sh "$6"; fi'
 )
 
 STEP_ID = re.compile(r"[0-9a-f]{8,32}")
@@ -195,7 +199,8 @@ def _checked_step(step: str) -> str:
 def stop_argv(env_dir: str, project: str, db_service: str, step: str, container: str = "") -> list[str]:
     """Stop step `step` on the host: its shell, its one-off container, its database sessions."""
     sql = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-           f"WHERE application_name = 'deploy-{_checked_step(step)}'")
+           f"WHERE pid <> pg_backend_pid() AND (application_name = 'deploy-{_checked_step(step)}' "
+           "OR host(client_addr) = ANY(string_to_array(current_setting('deploy.ips', true), ',')))")
     return ["sh", "-c", STOP_SCRIPT, "deploy-stop", env_dir, project, db_service, step, container, sql]
 
 

@@ -79,9 +79,13 @@ class Compose:
             out += ["--workdir", workdir]
         return out + [service, *argv]
 
-    def run(self, service: str, argv: list[str], no_deps: bool = True, name: str | None = None) -> list[str]:
-        """A one-off container; `name` lets an interrupted client stop it (docker kill NAME)."""
+    def run(self, service: str, argv: list[str], no_deps: bool = True, name: str | None = None,
+            app_name: str | None = None) -> list[str]:
+        """A one-off container. `name` lets an interrupted client stop it (docker kill NAME),
+        `app_name` (PGAPPNAME) lets it end the container's database sessions too."""
         out = self.base() + ["run", "--rm", "-T"] + (["--no-deps"] if no_deps else [])
         if name:
             out += ["--name", name]
+        if app_name:
+            out += ["-e", f"PGAPPNAME={app_name}"]
         return out + [service, *argv]

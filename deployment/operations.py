@@ -367,7 +367,8 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
         argv = ["python3", "migrate.py"] + (["--plan"] if plan else [])
         step_id = bk.new_step_id()
         name = _one_off_name(env, "migrate", step_id)
-        res = _run_one_off(hs, compose.run(service, argv, name=name), step_id, name, "migrate.py",
+        res = _run_one_off(hs, compose.run(service, argv, name=name, app_name=f"deploy-{step_id}"), step_id, name,
+                           "migrate.py",
                            _one_off_outcome("the migration", "the migration in progress was rolled back; "
                                             f"those before it stay applied (see `deploy {env.name} migrate --dry-run`)"))
         if res.exited == 0 or hs.dry_run:
@@ -413,7 +414,8 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
             hs.say(f"{env.name} is protected: running the read-only subset only")
         step_id = bk.new_step_id()
         name = _one_off_name(env, "test", step_id)
-        res = _run_one_off(hs, compose.run(app, argv, name=name), step_id, name, "run_tests.py",
+        res = _run_one_off(hs, compose.run(app, argv, name=name, app_name=f"deploy-{step_id}"), step_id, name,
+                           "run_tests.py",
                            _one_off_outcome("the test run", "its container was removed"))
         if res.exited == 0 or hs.dry_run:
             return 0

@@ -213,3 +213,31 @@ def test_interrupted_release_upload_leaves_no_tarball_on_the_host(slow_env):
     assert list(incoming.iterdir()) == []
     for p in (remote / "releases").iterdir() if (remote / "releases").exists() else []:
         assert not p.name.startswith(".")
+
+
+def test_sigterm_mid_migration_stops_it_on_the_host_and_rolls_it_back(stack, project_copy):
+    s = stack("dev").ready()
+    (project_copy.parent.parent / "app" / "migrations" / "0004_slow_notes.sql").write_text(
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);\nSELECT pg_sleep(120);\n")
+    proc = subprocess.Popen([*DEPLOY, "--hosts", str(s.hosts), "dev", "migrate"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=s.hosts.parent)
+    try:
+        deadline = time.monotonic() + 180
+        while s.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(120)%' "
+                    "AND pid <> pg_backend_pid()") == "0":
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the migration never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "terminated by SIGTERM" in err and "rolled back" in err, err
+    # Nothing of it stays: no table, not recorded, no one-off container, no backend.
+    assert s.sql("SELECT to_regclass('public.notes') IS NULL") == "t"
+    assert s.sql("SELECT count(*) FROM schema_migrations WHERE version LIKE '0004%'") == "0"
+    assert s.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(120)%' "
+                 "AND pid <> pg_backend_pid()") == "0"
+    assert set(containers(s.project)) == {"web", "worker", "db"}
