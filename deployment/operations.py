@@ -18,7 +18,7 @@ from . import backup as bk
 from . import limits
 from . import release as rel
 from .commands import EXPAND_DIR, Compose, check_services
-from .errors import DeployError, ExitStatus, RemoteError, UsageError
+from .errors import DeployError, ExitStatus, HostKeyError, RemoteError, UsageError
 from .inventory import Environment
 from .runner import last_line
 from .session import HostSession, fan_out
@@ -178,6 +178,7 @@ class HostStatus:
     services: list[dict]
     error: str | None = None
     status: int = 0
+    refused: bool = False       # reached, but its host key (or trust files) refused
 
     def as_dict(self) -> dict:
         d = {"host": self.host, "reachable": self.status != ExitStatus.CONNECTION}
@@ -214,7 +215,7 @@ def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None 
             res = hs.runner.run(hs.compose().ps(), echo=False, cwd=NEUTRAL_CWD, what="compose ps")
             return HostStatus(hs.name, _service_rows(parse_ps(res.stdout), known))
         except DeployError as exc:
-            return HostStatus(hs.name, [], str(exc), int(exc.status))
+            return HostStatus(hs.name, [], str(exc), int(exc.status), refused=isinstance(exc, HostKeyError))
 
     results = [o.value for o in fan_out(hosts, step, out=_Discard()) ]
     if as_json:
@@ -236,7 +237,8 @@ class _Discard:
 def _print_status(r: HostStatus, env: Environment, out: IO[str]) -> None:
     out.write(f"{r.host}  ({env.compose_project})\n")
     if r.error:
-        out.write(f"  unreachable: {r.error}\n" if r.status == ExitStatus.CONNECTION else f"  error: {r.error}\n")
+        label = "refused" if r.refused else "unreachable" if r.status == ExitStatus.CONNECTION else "error"
+        out.write(f"  {label}: {r.error}\n")
         return
     cols = ["SERVICE", "STATE", "HEALTH", "PORTS"]
     table = [[s["service"], s["state"], s["health"] or "-", ", ".join(s["ports"]) or "-"] for s in r.services]
@@ -568,15 +570,14 @@ def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report) ->
         bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual, remote_file, step),
         bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
         what="the restore", outcome=_restore_outcome)
+    # The script's own lines about the services it stopped and started again.
+    service_lines = ("stopping the services", "started again", "could not start again")
     for line in res.stderr.splitlines():
-        if line.startswith(("stopping the services", "started again", "could not start again")):
+        if line.startswith(service_lines):
             report.line(line)
     if res.exited != 0:
-        detail = last_line(res.stderr) or last_line(res.stdout)
-        if detail.startswith(("started again", "could not start again")):
-            detail = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(
-                ("started again", "could not start again"))][-1:] or [detail]
-            detail = detail[0].strip()
+        errors = [ln.strip() for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(service_lines)]
+        detail = errors[-1] if errors else last_line(res.stdout)
         if bk.COMMITTED in res.stdout:
             detail += "; the restore itself had committed"
         elif "restoring in one transaction" in res.stderr:
