@@ -42,6 +42,12 @@ MAX_NUMBER_CHARS = 64
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|\[[0-9A-Fa-f:.]+\]")
 USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+# Variables the host's SSH login sets for compose's process: compose gives the process
+# environment precedence over the .env, so an inventory variable of that name would
+# silently not reach the services.
+LOGIN_VARIABLES = frozenset({"HOME", "PATH", "USER", "LOGNAME", "SHELL", "MAIL", "PWD", "OLDPWD", "SHLVL",
+                             "TERM", "LANG", "LANGUAGE", "MOTD_SHOWN"})
+LOGIN_PREFIXES = ("SSH_", "LC_", "XDG_")
 VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ROLE_RE = re.compile(r"[a-z][a-z0-9_-]*")
 HOST_PORT_RE = re.compile(r"(.*?)(?::([0-9]+))?", re.DOTALL)
@@ -654,12 +660,16 @@ class _Validator:
             w = f"{where}.{_key(key)}"
             if not VAR_RE.fullmatch(key):
                 raise self.fail(w, "is not a valid variable name (letters, digits, '_')")
+            if key in LOGIN_VARIABLES or key.startswith(LOGIN_PREFIXES):
+                raise self.fail(w, "is set by the host's SSH login, and compose takes that value over the "
+                                ".env's: the service would not get the value given here; rename the variable")
             if isinstance(v, dict):
                 self.mapping(v, w, {"env"})
                 self.string(v.get("env"), f"{w}.env", VAR_RE, "environment variable name")
             elif isinstance(v, str):
-                if _CONTROL_RE.search(v):
-                    raise self.fail(w, "must be a single line without control characters")
+                # Newlines and tabs reach compose intact (the .env escapes them); a NUL cannot.
+                if "\0" in v:
+                    raise self.fail(w, "must not contain a NUL character")
             elif isinstance(v, float) and not math.isfinite(v):
                 raise self.fail(w, f"must be a finite number, not {v!r}")
             elif v is None or not isinstance(v, (int, float, bool)):

@@ -50,9 +50,16 @@ class Limit:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{self.what} must be {self.describe()}, not {value!r}")
         if not self.low <= value <= self.high:
-            shown = value if abs(value) < 1e15 else f"{value:.3g}"
-            raise ValueError(f"{self.what} must be {self.describe()}, not {shown}")
+            raise ValueError(f"{self.what} must be {self.describe()}, not {_shown(value)}")
         return value
+
+
+def _shown(value) -> str:
+    """A number for an error line: huge ones shortened (an int of 400 digits has no float)."""
+    if isinstance(value, int) and abs(value) >= 10 ** 15:
+        digits = str(abs(value))
+        return f"{'-' if value < 0 else ''}{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
+    return f"{value:.3g}" if abs(value) >= 1e15 else str(value)
 
 
 # How many backups retention keeps, here and on the host. Never 0: retention must never
