@@ -8,6 +8,7 @@ arithmetic and turn a retention rule into "delete everything").
 """
 from __future__ import annotations
 
+import decimal
 import math
 import re
 from dataclasses import dataclass
@@ -57,8 +58,7 @@ class Limit:
 def _shown(value) -> str:
     """A number for an error line: huge ones shortened (an int of 400 digits has no float)."""
     if isinstance(value, int) and abs(value) >= 10 ** 15:
-        digits = str(abs(value))
-        return f"{'-' if value < 0 else ''}{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
+        return format(decimal.Decimal(value), ".2e")
     return f"{value:.3g}" if abs(value) >= 1e15 else str(value)
 
 
