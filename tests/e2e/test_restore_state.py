@@ -104,6 +104,28 @@ def test_restore_with_a_broken_manifest_is_refused(stack, manifest):
     assert s.items() == before
 
 
+def interrupt_when(hosts: Path, args: list[str], ready, *, settle: float = 0.5, wait: float = 60,
+                   sig=signal.SIGTERM) -> tuple[int, str, str]:
+    """Run the CLI, send `sig` once ready() holds (and `settle` seconds more), and return
+    its exit code and output."""
+    proc = subprocess.Popen([*DEPLOY, "--hosts", str(hosts), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=hosts.parent)
+    try:
+        deadline = time.monotonic() + 180
+        while not ready():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "never got there"
+            time.sleep(0.1)
+        time.sleep(settle)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=wait)
+        return proc.returncode, out, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def deploy_backend(s: Stack) -> str:
     return s.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'deploy-%' "
                  "AND wait_event_type = 'Lock'")
@@ -127,23 +149,14 @@ def test_sigterm_mid_restore_stops_it_on_the_host_and_the_database_is_as_before(
     holder = subprocess.Popen(["docker", "exec", db, "psql", "-U", "shop", "-d", "shop", "-c",
                                "BEGIN; LOCK TABLE items IN ACCESS SHARE MODE; SELECT pg_sleep(300);"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = subprocess.Popen([*DEPLOY, "--hosts", str(s.hosts), "dev", "restore"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=s.hosts.parent)
     try:
-        deadline = time.monotonic() + 120
-        while deploy_backend(s) == "0":
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the restore never reached its transaction"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=150)
+        code, out, err = interrupt_when(s.hosts, ["dev", "restore"], lambda: deploy_backend(s) != "0",
+                                        settle=0, wait=150)
     finally:
         s.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(300)%' "
               "AND pid <> pg_backend_pid()")
         holder.wait(timeout=30)
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out + err
+    assert code == 130, out + err
     assert "terminated by SIGTERM" in err and "rolled back" in err and "as it was" in err, err
     assert "Traceback" not in err
     assert s.items() == before
@@ -170,20 +183,6 @@ def slow_env(world, make_inventory, project_copy):
                                     "hosts": ["slow-host"], "variables": stack_variables(world)}
     hosts.write_text(yaml.safe_dump(data, sort_keys=False))
     return hosts, Path(data["defaults"]["remote_dir"]) / "slow", root
-
-
-def interrupt_when(hosts: Path, args: list[str], ready, sig=signal.SIGTERM):
-    proc = subprocess.Popen([*DEPLOY, "--hosts", str(hosts), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=hosts.parent)
-    deadline = time.monotonic() + 120
-    while not ready():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "never got there"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, out, err
 
 
 def test_interrupted_restore_upload_leaves_no_file_on_the_host(slow_env):
@@ -219,25 +218,13 @@ def test_sigterm_mid_migration_stops_it_on_the_host_and_rolls_it_back(stack, pro
     s = stack("dev").ready()
     (project_copy.parent.parent / "app" / "migrations" / "0004_slow_notes.sql").write_text(
         "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);\nSELECT pg_sleep(120);\n")
-    proc = subprocess.Popen([*DEPLOY, "--hosts", str(s.hosts), "dev", "migrate"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=s.hosts.parent)
-    try:
-        deadline = time.monotonic() + 180
-        while s.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(120)%' "
-                    "AND pid <> pg_backend_pid()") == "0":
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the migration never started"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out + err
+    sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(120)%' "
+                "AND pid <> pg_backend_pid()")
+    code, out, err = interrupt_when(s.hosts, ["dev", "migrate"], lambda: s.sql(sleeping) != "0", settle=0, wait=150)
+    assert code == 130, out + err
     assert "terminated by SIGTERM" in err and "rolled back" in err, err
     # Nothing of it stays: no table, not recorded, no one-off container, no backend.
     assert s.sql("SELECT to_regclass('public.notes') IS NULL") == "t"
     assert s.sql("SELECT count(*) FROM schema_migrations WHERE version LIKE '0004%'") == "0"
-    assert s.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(120)%' "
-                 "AND pid <> pg_backend_pid()") == "0"
+    assert s.sql(sleeping) == "0"
     assert set(containers(s.project)) == {"web", "worker", "db"}
