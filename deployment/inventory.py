@@ -58,7 +58,7 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 # Keys that `defaults` may set and any environment may override.
 SHARED_KEYS = {"user", "port", "remote_dir", "ssh_config", "known_hosts",
                "connect_timeout", "command_timeout", "backup", "root"}
-ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected", "app_service", "db_service"}
+ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected", "app_service", "db_service", "roles"}
 TOP_KEYS = {"project", "defaults", "environments"}
 BACKUP_KEYS = {"dir", "keep"}
 
@@ -99,6 +99,9 @@ class Environment:
     # The project root: a release ships only files under it. None: the git work tree
     # that holds the compose file, else the compose file's own directory.
     root: Path | None = None
+    # `roles:` (role -> the services a host with that role runs; see placement.py).
+    # None: no mapping, every host runs every service.
+    role_services: dict[str, tuple[str, ...]] | None = None
 
     @property
     def compose_project(self) -> str:
@@ -565,6 +568,10 @@ class _Validator:
         command_timeout = self.limited(merged.get("command_timeout", 3600), src("command_timeout"),
                                        limits.COMMAND_TIMEOUT)
         root = self.existing(merged["root"], src("root"), directory=True).resolve() if "root" in merged else None
+        role_services = None
+        if spec.get("roles") is not None:       # missing or null: no mapping
+            role_services = self.role_services(spec["roles"], f"{where}.roles")
+            self.host_roles_mapped(spec["hosts"], hosts, role_services, where)
         return Environment(
             name=name, project=project, compose_file=compose_file, hosts=hosts,
             variables=variables, protected=protected, user=user, port=port, remote_dir=remote_dir,
@@ -574,7 +581,52 @@ class _Validator:
             app_service=(self.string(spec["app_service"], f"{where}.app_service", SERVICE_RE, "service name")
                          if "app_service" in spec else None),
             db_service=self.string(spec.get("db_service", "db"), f"{where}.db_service", SERVICE_RE, "service name"),
+            role_services=role_services,
         )
+
+    def role_services(self, value: Any, where: str) -> dict[str, tuple[str, ...]]:
+        """`roles: {app: [web, worker], db: [db]}`: each role names the services a host
+        with that role runs. Whether they are services of the compose file is checked
+        where the compose file is read (placement.py)."""
+        if not isinstance(value, dict):
+            raise self.fail(where, f"must be a mapping of roles to lists of services, not {_kind(value)}",
+                            hint="for example roles: {app: [web, worker], db: [db]}")
+        self.mapping(value, where, None)
+        out = {}
+        for role, services in value.items():
+            w = f"{where}.{_key(role)}"
+            if not ROLE_RE.fullmatch(role):
+                raise self.fail(w, f"{_show(role)} is not a valid role (lower-case letters, digits, '-' and '_', "
+                                "starting with a letter)")
+            if not isinstance(services, list) or not services:
+                raise self.fail(w, f"must be a non-empty list of service names, not {_kind(services)}")
+            names: list[str] = []
+            for j, service in enumerate(services):
+                name = self.string(service, f"{w}[{j}]", SERVICE_RE, "service name")
+                if name in names:
+                    raise self.fail(f"{w}[{j}]", f"service {_show(name)} is listed twice")
+                names.append(name)
+            out[role] = tuple(names)
+        return out
+
+    def host_roles_mapped(self, raw_hosts: list, hosts: tuple[Host, ...],
+                          role_services: dict[str, tuple[str, ...]], where: str) -> None:
+        """With a `roles:` mapping, every role a host carries must be in it (a host
+        without `roles` has the role app), or that host would run nothing."""
+        known = ", ".join(role_services) or "(none)"
+        for i, (item, host) in enumerate(zip(raw_hosts, hosts)):
+            explicit = isinstance(item, dict) and "roles" in item
+            for j, role in enumerate(host.roles):
+                if role in role_services:
+                    continue
+                if explicit:
+                    at, has = f"{where}.hosts[{i}].roles[{j}]", f"has the role {_show(role)}"
+                else:
+                    at, has = f"{where}.hosts[{i}]", f"has the default role {_show(role)} (it lists no roles)"
+                raise self.fail(at, f"host {_show(host.label)} {has}, which {where}.roles does not "
+                                f"map to services (roles there: {known})",
+                                hint=f"add {role}: [SERVICE, ...] to {where}.roles, or give the host "
+                                     "roles that are there")
 
     def ssh_config(self, merged: dict, where: str) -> Path | None:
         """Like OpenSSH: a missing ~/.ssh/config is fine, a missing explicit file is not.

@@ -457,3 +457,91 @@ def test_root_must_be_an_existing_directory(tmp_path):
     assert msg.endswith(f": defaults.root: '{tmp_path / 'compose/c.yml'}' is not a directory")
     msg = load_error(write(tmp_path, text.replace("root: src", "root: 5")))
     assert msg.endswith(": defaults.root: must be a non-empty string, not a number")
+
+
+# --- roles: which services a host runs ----------------------------------------------------
+
+ROLES = GOOD.replace("    connect_timeout: 3\n", "    connect_timeout: 3\n    roles: {app: [web, worker], db: [db]}\n")
+
+
+def roles_mutated(tmp_path: Path, old: str, new: str, base: str = ROLES) -> Path:
+    (tmp_path / "ssh_config").write_text("")
+    assert old in base, old
+    return write(tmp_path, base.replace(old, new, 1))
+
+
+def test_roles_mapping_loads_in_order(tmp_path):
+    (tmp_path / "ssh_config").write_text("")
+    i = inv.load(write(tmp_path, ROLES))
+    prod, dev = i.environment("prod"), i.environment("dev")
+    assert prod.role_services == {"app": ("web", "worker"), "db": ("db",)}
+    assert list(prod.role_services) == ["app", "db"]
+    assert dev.role_services is None            # no mapping: every host runs every service
+    assert prod.hosts[2].roles == ("app",)      # a host without roles has the role app
+
+
+def test_roles_null_means_no_mapping(tmp_path):
+    (tmp_path / "ssh_config").write_text("")
+    text = GOOD.replace("    connect_timeout: 3\n", "    connect_timeout: 3\n    roles:\n")
+    assert inv.load(write(tmp_path, text)).environment("prod").role_services is None
+
+
+def test_roles_may_share_services_and_name_roles_no_host_has(tmp_path):
+    (tmp_path / "ssh_config").write_text("")
+    text = ROLES.replace("{app: [web, worker], db: [db]}", "{app: [web, worker], db: [db, web], spare: [x.y]}")
+    prod = inv.load(write(tmp_path, text)).environment("prod")
+    assert prod.role_services == {"app": ("web", "worker"), "db": ("db", "web"), "spare": ("x.y",)}
+
+
+def test_roles_is_per_environment_not_a_default(tmp_path):
+    path = roles_mutated(tmp_path, "  port: 22\n", "  port: 22\n  roles: {app: [web]}\n", base=GOOD)
+    assert load_error(path).startswith(f"{path}: defaults.roles: unknown key")
+
+
+@pytest.mark.parametrize("roles, where, what", [
+    ("[app, db]", "environments.prod.roles", "must be a mapping of roles to lists of services, not a list"),
+    ("app", "environments.prod.roles", "not a string"),
+    ("0", "environments.prod.roles", "not a number"),
+    ("{app: web, db: [db]}", "environments.prod.roles.app", "must be a non-empty list of service names, not a string"),
+    ("{app: [], db: [db]}", "environments.prod.roles.app", "non-empty list of service names, not a list"),
+    ("{app: , db: [db]}", "environments.prod.roles.app", "not empty"),
+    ("{app: {web: 1}, db: [db]}", "environments.prod.roles.app", "not a mapping"),
+    ("{app: [web, 5], db: [db]}", "environments.prod.roles.app[1]", "must be a non-empty string, not a number"),
+    ("{app: [web, [worker]], db: [db]}", "environments.prod.roles.app[1]", "not a list"),
+    ("{app: [web, 'a b'], db: [db]}", "environments.prod.roles.app[1]", "'a b' is not a valid service name"),
+    ("{app: [web, \"web\\n\"], db: [db]}", "environments.prod.roles.app[1]", "'web\\n' is not a valid service name"),
+    ("{app: [web, worker, web], db: [db]}", "environments.prod.roles.app[2]", "service 'web' is listed twice"),
+    ("{app: [web], db: [db], App: [web]}", "environments.prod.roles.App", "'App' is not a valid role"),
+    ("{app: [web], db: [db], \"db\\n\": [web]}", "environments.prod.roles.'db\\n'", "is not a valid role"),
+    ("{app: [web], db: [db], 7: [web]}", "environments.prod.roles", "key 7 must be a string"),
+    ("{app: [web], db: [db], app: [worker]}", "environments.prod.roles.app", "duplicate key"),
+])
+def test_roles_errors_name_the_key_path(tmp_path, roles, where, what):
+    path = roles_mutated(tmp_path, "{app: [web, worker], db: [db]}", roles)
+    msg = load_error(path)
+    assert msg.startswith(f"{path}: {where}: ") and what in msg, msg
+
+
+def test_a_host_role_missing_from_the_mapping_names_host_and_role(tmp_path):
+    path = roles_mutated(tmp_path, "{app: [web, worker], db: [db]}", "{app: [web, worker]}")
+    msg = load_error(path)
+    assert msg == (f"{path}: environments.prod.hosts[1].roles[1]: host 'prod-db-1' has the role 'db', which "
+                   "environments.prod.roles does not map to services (roles there: app)"), msg
+
+
+def test_a_host_without_roles_has_app_which_the_mapping_must_hold(tmp_path):
+    path = roles_mutated(tmp_path, "{app: [web, worker], db: [db]}", "{web: [web, worker], db: [db]}",
+                         base=ROLES.replace("roles: [app]", "roles: [web]").replace("roles: [app, db]", "roles: [db]"))
+    msg = load_error(path)
+    assert msg == (f"{path}: environments.prod.hosts[2]: host 'ops@10.0.0.5:2222' has the default role 'app' "
+                   "(it lists no roles), which environments.prod.roles does not map to services "
+                   "(roles there: web, db)"), msg
+    with pytest.raises(InventoryError) as exc:
+        inv.load(path)
+    assert "add app: [SERVICE, ...] to environments.prod.roles" in exc.value.hint
+
+
+def test_an_empty_roles_mapping_maps_no_host(tmp_path):
+    path = roles_mutated(tmp_path, "{app: [web, worker], db: [db]}", "{}")
+    msg = load_error(path)
+    assert msg.startswith(f"{path}: environments.prod.hosts[0].roles[0]: ") and "(roles there: (none))" in msg
