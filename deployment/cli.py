@@ -15,6 +15,7 @@ from typing import IO, Callable
 from . import __version__, limits
 from . import inventory as inv
 from . import operations as ops
+from . import release_ops
 from .errors import DeployError, ExitStatus, UsageError, interruption, terminate_as_interrupt
 from .session import sessions
 
@@ -83,6 +84,12 @@ def _count(limit: limits.Limit):
     return parse
 
 
+def _rollback_args(p):
+    p.add_argument("release", nargs="?", metavar="RELEASE",
+                   help="a kept release's id or a unique start of it (default: the one deployed before current)")
+    p.add_argument("--yes", "-y", action="store_true", help="confirm without a prompt (protected environments)")
+
+
 def _test_args(p):
     p.add_argument("service", nargs="?", metavar="SERVICE", help="only this service's tests")
 
@@ -110,6 +117,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("restore", "restore the newest verified backup (or --file) into the database",
             _restore_args, lambda a, hs, io: ops.restore(hs, file=a.file, yes=a.yes, allow_other_env=a.allow_other_env,
                                                         stdin=io.stdin, out=io.stdout, err=io.stderr)),
+    Command("releases", "the releases kept on each host, newest first: deployed when, by whom, which commit",
+            lambda p: p.add_argument("--json", action="store_true", help="one JSON document"),
+            lambda a, hs, io: release_ops.releases(hs, as_json=a.json, out=io.stdout)),
+    Command("rollback", "bring up the release before the current one (or RELEASE) with its own images",
+            _rollback_args, lambda a, hs, io: release_ops.rollback(hs, a.release, yes=a.yes, stdin=io.stdin,
+                                                                   err=io.stderr)),
 ]}
 
 

@@ -33,17 +33,21 @@ class Compose:
     project: str
     compose_file: str | None = None     # absolute path on the host; None: by project label only
     env_file: str | None = None
+    override_file: str | None = None    # the release's generated override (image tags, state)
 
     def base(self) -> list[str]:
         argv = ["docker", "compose", "--ansi", "never", "-p", self.project]
         if self.compose_file:
             argv += ["-f", self.compose_file]
+            if self.override_file:
+                argv += ["-f", self.override_file]
         if self.env_file:
             argv += ["--env-file", self.env_file]
         return argv
 
     def up(self, services: list[str] = (), detach: bool = False, build: bool = False,
-           wait_timeout: int | None = None) -> list[str]:
+           wait_timeout: int | None = None, no_build: bool = False, no_start: bool = False,
+           no_deps: bool = False) -> list[str]:
         argv = self.base() + ["up", "--remove-orphans"]
         if detach:
             argv += ["--detach", "--wait"]
@@ -51,6 +55,12 @@ class Compose:
                 argv += ["--wait-timeout", str(int(wait_timeout))]
         if build:
             argv.append("--build")
+        if no_build:
+            argv.append("--no-build")
+        if no_start:
+            argv.append("--no-start")
+        if no_deps:
+            argv.append("--no-deps")
         return argv + ["--", *services]
 
     def down(self, volumes: bool = False) -> list[str]:

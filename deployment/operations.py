@@ -17,12 +17,14 @@ from typing import IO
 from . import backup as bk
 from . import limits
 from . import release as rel
+from . import placement
+from . import release_host as rh
 from .commands import EXPAND_DIR, Compose, check_services
 from .errors import DeployError, ExitStatus, HostKeyError, RemoteError, UsageError
 from .inventory import Environment
 from .runner import last_line
 from .session import HostSession, fan_out
-from .sync import mark_built, mark_up
+from .sync import deploy_record, mark_up
 from .ui import confirm
 
 # Compose commands that work by project label run from "/", so that a compose file in
@@ -53,50 +55,58 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
        build: bool = False) -> None:
     env = hosts[0].env
     services = validate_services(env, list(services))
+    compose_spec = rel.load_compose(env.compose_file)
+    # A stateful service (a named volume: the database) never starts on two hosts.
+    placement.check_placement(env, compose_spec)
+    placement.check_requested(env, compose_spec, services, [hs.host for hs in hosts])
     release = rel.build(env)
-    has_builds = _has_builds(env)
+    command = "up" + (" -d" if detach else "") + (" --build" if build else "") + "".join(f" {s}" for s in services)
 
     def step(hs: HostSession) -> None:
-        whole_stack = detach and not services and not build
+        mine = placement.services_to_start(env, hs.host, compose_spec, services)
+        if not mine:
+            hs.say(f"{env.compose_project}: none of the requested services run on this host; skipped")
+            return      # never `compose up --` with no services: that would start them all
+        whole = not services and mine == list(compose_spec["services"])
+        start, no_deps = ([], False) if whole else (mine, True)
+        whole_stack = detach and whole and not build
         deployed = hs.sync(release, with_ps=whole_stack)
         if whole_stack and deployed.unchanged_and_healthy():
             # Nothing to upload, build or restart: say so instead of asking compose.
             hs.say(f"{env.compose_project}: release {release.id} already up and healthy; nothing to do")
             return
         compose = hs.compose(deployed)
-        # A release whose images were never built must not run on images of an older one.
-        rebuild = build or (has_builds and not deployed.built)
-        if rebuild and not build:
-            hs.say(f"release {release.id} not built on this host yet: building images")
+        # The release runs its own images (tagged with its id): built when missing, and
+        # only then, or when --build asks.
+        if release.images and (build or not deployed.built):
+            if not build:
+                hs.say(f"release {release.id}: images not on this host yet: building them")
+            hs.runner.run(compose.build(), what="compose build")
         if not detach:
-            # A pty, so that Ctrl+C reaches compose, which then stops the services cleanly.
-            # Images are built before the services start, so they count as built even if
-            # the operator stops the services later.
-            if rebuild:
-                _build(hs, compose, deployed, services)
-            hs.runner.run(compose.up(services, detach=False), pty=True, what="compose up")
+            # Containers first; once they exist the release counts as what runs, then a
+            # pty, so that Ctrl+C reaches compose, which stops the services cleanly.
+            hs.runner.run(compose.up(start, no_build=True, no_start=True, no_deps=no_deps),
+                          what="compose up --no-start")
+            if not hs.dry_run:
+                mark_up(hs.runner, env, release.id, command, whole_stack=False)
+            hs.runner.run(compose.up(start, detach=False, no_build=True, no_deps=no_deps), pty=True,
+                          what="compose up")
             return
-        res = hs.runner.run(compose.up(services, detach=True, build=rebuild), check=False,
+        res = hs.runner.run(compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False,
                             what="compose up")
         if res.exited != 0:
-            _explain_failed_start(hs, compose, res)
-        if rebuild and not services:
-            mark_built(hs.runner, deployed)
-        if not services:
-            mark_up(hs.runner, deployed, env.compose_project)
-        hs.say(f"{env.compose_project}: services up and healthy")
+            explain_failed_start(hs, compose, res, deployed.current)
+        if not hs.dry_run:
+            mark_up(hs.runner, env, release.id, command, whole_stack=whole)
+        hs.say(f"{env.compose_project}: release {release.id} up and healthy; current is {release.id}")
 
     fan_out(hosts, step)
 
 
-def _has_builds(env: Environment) -> bool:
-    return any(isinstance(s, dict) and "build" in s
-               for s in rel.load_compose(env.compose_file)["services"].values())
-
-
-def _explain_failed_start(hs: HostSession, compose: Compose, res) -> None:
+def explain_failed_start(hs: HostSession, compose: Compose, res, current: str | None = None) -> None:
     """compose up --wait failed: name the services that are not running or not healthy and
-    show their last log lines, since "started, then exited" leaves nothing on screen."""
+    show their last log lines, since "started, then exited" leaves nothing on screen, and
+    say that `current` still names the release that ran before."""
     ps = parse_ps(hs.runner.run(compose.ps(), echo=False, check=False).stdout)
     bad = [c for c in ps if c.get("State") != "running" or c.get("Health") == "unhealthy"]
     for c in bad:
@@ -104,11 +114,15 @@ def _explain_failed_start(hs: HostSession, compose: Compose, res) -> None:
         hs.say(f"--- {svc}: {c.get('Status') or c.get('State')}; last {FAILED_LOG_LINES} log lines:")
         hs.runner.run(compose.logs([svc], tail=FAILED_LOG_LINES), check=False)
     detail = last_line(res.stderr) or last_line(res.stdout)
+    still = ""
+    if current is not None:
+        still = f"; current is still release {current}" if current else "; no release is current yet"
     if bad:
         names = ", ".join(f"{c.get('Service')} ({c.get('Status') or c.get('State')})" for c in bad)
-        raise RemoteError(f"{hs.name}: services did not become healthy: {names}",
+        raise RemoteError(f"{hs.name}: services did not become healthy: {names}{still}",
                           hint="their last log lines are shown above")
-    raise RemoteError(f"{hs.name}: compose up failed (exit {res.exited})" + (f": {detail}" if detail else ""))
+    raise RemoteError(f"{hs.name}: compose up failed (exit {res.exited})" + (f": {detail}" if detail else "")
+                      + still)
 
 
 # --- down ---------------------------------------------------------------------------------
@@ -142,16 +156,11 @@ def build(hosts: list[HostSession], services: list[str] = ()) -> None:
     release = rel.build(env)
 
     def step(hs: HostSession) -> None:
+        # Builds the release's own tags; `current` (what runs) does not change.
         deployed = hs.sync(release)
-        _build(hs, hs.compose(deployed), deployed, services)
+        hs.runner.run(hs.compose(deployed).build(services), what="compose build")
 
     fan_out(hosts, step)
-
-
-def _build(hs: HostSession, compose: Compose, deployed, services: list[str]) -> None:
-    hs.runner.run(compose.build(services), what="compose build")
-    if not services:
-        mark_built(hs.runner, deployed)
 
 
 # --- logs ---------------------------------------------------------------------------------
@@ -322,13 +331,14 @@ def one_off_host(hosts: list[HostSession], role: str = "db") -> HostSession:
 
 
 def _prepare_one_off(hs: HostSession, release: rel.Release, service: str):
-    """Sync the release and make sure its app image is built, so that the one-off runs
-    the code of this release, not whatever image happens to exist."""
+    """Sync the release and make sure its images are built, so that the one-off runs the
+    code of this release (its own image tags), whatever runs or was built before. It does
+    not change what `up` runs next, nor `current`."""
     deployed = hs.sync(release)
     compose = hs.compose(deployed)
-    if not deployed.built:
-        hs.say(f"release {release.id} not built on this host yet: building {service}")
-        hs.runner.run(compose.build([service]), what="compose build")
+    if release.images and not deployed.built:
+        hs.say(f"release {release.id}: images not on this host yet: building them")
+        hs.runner.run(compose.build(), what="compose build")
     return deployed, compose
 
 
@@ -359,10 +369,11 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
     service = app_service(env)
     hs = one_off_host(hosts)
     release = rel.build(env)
+    taken = None
     if env.protected and not plan and not no_backup:
         # A migration can destroy data no rollback brings back: keep a verified copy first.
         hs.say(f"{env.name} is protected: taking a verified backup before migrating (--no-backup skips it)")
-        backup(hosts)
+        taken = backup(hosts)
 
     def step(hs: HostSession) -> None:
         _, compose = _prepare_one_off(hs, release, service)
@@ -373,6 +384,12 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
                            "migrate.py",
                            _one_off_outcome("the migration", "the migration in progress was rolled back; "
                                             f"those before it stay applied (see `deploy {env.name} migrate --dry-run`)"))
+        if res.exited == 0 and not plan and not hs.dry_run:
+            # A rollback to a release deployed before this tells the operator that the
+            # database stays migrated, and names this backup.
+            record = deploy_record(env, release.id, "migrate")
+            record["backup"] = str(taken) if taken else None
+            hs.runner.run(rh.migrated_argv(env.env_dir, record), echo=False, what="recording the migration")
         if res.exited == 0 or hs.dry_run:
             return
         raise _one_off_failure(hs, res, "migrate.py", service, "migration failed")

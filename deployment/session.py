@@ -13,7 +13,7 @@ from .commands import Compose
 from .errors import DeployError, ExitStatus
 from .inventory import Environment, Host
 from .runner import HostRunner, LineWriter, Result, command_line
-from .sync import Deployed, current_paths, sync
+from .sync import Deployed, release_paths, sync
 
 
 class DryRunner:
@@ -70,15 +70,13 @@ class HostSession:
     def sync(self, release: rel.Release, with_ps: bool = False) -> Deployed:
         if self.dry_run:
             self.say(f"sync release {release.id} ({len(release.files) + 1} files) to "
-                     f"{self.env.env_dir}/releases/{release.id} unless the host has it; "
-                     f"switch {self.env.env_dir}/current to it")
+                     f"{self.env.env_dir}/releases/{release.id} unless the host has it")
             if self.verbose:
                 # What the release would ship, as paths in the release, one a line.
                 for path, _ in release.files:
                     self.say(f"  {path}")
                 self.say(f"  {release.env_path}  (generated from the variables, mode 0600)")
-            return Deployed(self.env.env_dir, release.id, *current_paths(self.env.env_dir, release),
-                            uploaded=False)
+            return Deployed(self.env.env_dir, release.id, *release_paths(self.env.env_dir, release))
         deployed = sync(self.runner, self.env, release, with_ps=with_ps)
         if deployed.uploaded:
             self.say(f"release {release.id} uploaded ({len(release.files) + 1} files)")
@@ -90,7 +88,7 @@ class HostSession:
         """Compose for this environment; without a deployed release it works by project label."""
         if deployed is None:
             return Compose(self.env.compose_project)
-        return Compose(self.env.compose_project, deployed.compose_file, deployed.env_file)
+        return Compose(self.env.compose_project, deployed.compose_file, deployed.env_file, deployed.override_file)
 
     def close(self) -> None:
         if self._conn is not None:

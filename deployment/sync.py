@@ -1,33 +1,43 @@
-"""Ship a release to a host: upload only when the host lacks it, then switch atomically."""
+"""Ship a release to a host (upload only when the host lacks it) and record, once an `up`
+of it succeeded, that it is what runs (`current`)."""
 from __future__ import annotations
 
+import getpass
 import json
 import secrets
+import socket
+import subprocess
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from . import release as rel
+from . import release_host as rh
 from .inventory import Environment
 from .runner import HostRunner
 
 
 @dataclass(frozen=True)
 class Deployed:
-    """Where an environment's current release is on a host (absolute paths)."""
+    """A release on a host, as the commands use it (absolute paths, always through
+    releases/<id>: `current` may still be another release)."""
 
     env_dir: str
     release_id: str
     compose_file: str
     env_file: str
-    uploaded: bool
-    built: bool = False         # the release's images were built by an earlier command
+    override_file: str | None = None
+    uploaded: bool = False
+    built: bool = False         # every image the release builds is on the host, tagged with its id
+    current: str = ""           # the release `current` names (what runs), "" if none yet
     up_ids: tuple[str, ...] | None = None   # containers an earlier `up -d` of it left
     ps: tuple[dict, ...] = ()   # what runs now (only when up_ids is known)
 
     def unchanged_and_healthy(self) -> bool:
-        """This release is up exactly as an earlier `up -d` left it, and every container
-        is running and healthy (or has no healthcheck)."""
-        if not self.built or not self.up_ids or len(self.ps) != len(self.up_ids):
+        """This release is current and up exactly as an earlier `up -d` left it, and every
+        container is running and healthy (or has no healthcheck)."""
+        if self.current != self.release_id or not self.built or not self.up_ids \
+                or len(self.ps) != len(self.up_ids):
             return False
         for c in self.ps:
             if not any(full.startswith(c.get("ID") or "-") for full in self.up_ids):
@@ -37,40 +47,75 @@ class Deployed:
         return True
 
 
-def current_paths(env_dir: str, release: rel.Release) -> tuple[str, str]:
-    base = f"{env_dir}/current"
-    return f"{base}/{release.compose_path}", f"{base}/{release.env_path}"
+def release_paths(env_dir: str, release: rel.Release) -> tuple[str, str, str]:
+    """The compose file, .env and override of a release on a host."""
+    base = f"{env_dir}/releases/{release.id}"
+    return f"{base}/{release.compose_path}", f"{base}/{release.env_path}", f"{base}/{release.override_path}"
 
 
 def sync(runner: HostRunner, env: Environment, release: rel.Release, with_ps: bool = False) -> Deployed:
-    out = runner.run(rel.prepare_argv(env.env_dir, release.id, env.compose_project if with_ps else ""),
+    out = runner.run(rh.prepare_argv(env.env_dir, release, with_ps=with_ps),
                      echo=False, what="preparing the release directory")
-    first, *rest = out.stdout.strip().splitlines() or [""]
-    state, _, abs_dir = first.partition(" ")
-    up_ids, ps = None, ()
-    if rest and rest[0].startswith("up-ids"):
-        up_ids = tuple(rest[0].split()[1:])
-        ps = tuple(json.loads(line) for line in rest[1:] if line.startswith("{"))
+    lines = out.stdout.strip().splitlines() or [""]
+    state, _, abs_dir = lines[0].partition(" ")
+    current, images, up_ids, ps = "", set(), None, []
+    for line in lines[1:]:
+        kind, _, rest = line.partition(" ")
+        if kind == "current":
+            current = rest.strip()
+        elif kind == "image":
+            images.add(rest.split(" ")[0])
+        elif kind == "up-ids":
+            up_ids = tuple(rest.split())
+        elif line.startswith("{"):
+            ps.append(json.loads(line))
     uploaded = False
     if state == "missing":
-        upload = rel.upload_path(abs_dir, release.id, secrets.token_hex(4))
+        upload = rh.upload_path(abs_dir, release.id, secrets.token_hex(4))
         # Spooled: small releases stay in memory, large build contexts go to a temp file.
         with tempfile.SpooledTemporaryFile(max_size=16 << 20) as tarball:
             release.write_tarball(tarball)
             tarball.seek(0)
             runner.put_fileobj(tarball, upload)
-        runner.run(rel.install_argv(env.env_dir, release, upload), echo=False, what="installing the release")
+        runner.run(rh.install_argv(env.env_dir, release, upload), echo=False, what="installing the release")
         uploaded = True
-    compose_file, env_file = current_paths(abs_dir, release)
-    return Deployed(abs_dir, release.id, compose_file, env_file, uploaded, built=state == "built",
-                    up_ids=up_ids, ps=ps)
+    compose_file, env_file, override = release_paths(abs_dir, release)
+    return Deployed(abs_dir, release.id, compose_file, env_file, override, uploaded=uploaded,
+                    built=set(release.tags) <= images, current=current, up_ids=up_ids, ps=tuple(ps))
 
 
-def mark_up(runner: HostRunner, deployed: Deployed, project: str) -> None:
-    runner.run(rel.mark_up_argv(deployed.env_dir, deployed.release_id, project), echo=False,
-               what="recording the deployment")
+def deploy_record(env: Environment, release_id: str, command: str) -> dict:
+    """Who brought the release up, from where, and from which commit (for `releases`)."""
+    record = {"at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "release": release_id,
+              "by": _local_user(), "machine": socket.gethostname(), "command": command}
+    record.update(git_state(env))
+    return record
 
 
-def mark_built(runner: HostRunner, deployed: Deployed) -> None:
-    runner.run(rel.mark_built_argv(deployed.env_dir, deployed.release_id), echo=False,
-               what="recording the build")
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:   # no name for this uid (a container, a bare cron environment)
+        return "?"
+
+
+def git_state(env: Environment) -> dict:
+    """The project's git commit and whether its work tree had changes; {} outside git."""
+    root, _ = rel.project_root(env)
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return {}
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def mark_up(runner: HostRunner, env: Environment, release_id: str, command: str, whole_stack: bool) -> None:
+    """The release is up: record it and switch `current` to it (then retention runs)."""
+    runner.run(rh.mark_up_argv(env.env_dir, release_id, env.compose_project,
+                               deploy_record(env, release_id, command), whole_stack),
+               echo=False, what="recording the deployment")

@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from tests.conftest import (Run, all_healthy, containers, deploy, deploy_until, image_id, networks,
+from tests.conftest import (Run, all_healthy, containers, deploy, deploy_until, docker, image_id, networks,
                             volumes)
 
 ENVS = ["dev", "staging", "prod"]
@@ -55,7 +55,12 @@ class Ctx:
         (self.compose_dir.parent.parent / "app" / "BUILD_STAMP").write_text(uuid.uuid4().hex)
 
     def images(self) -> dict[str, str | None]:
-        return {s: image_id(f"{self.project}-{s}") for s in ("web", "worker")}
+        """The newest image of each service (releases tag theirs <project>-<service>:<id>)."""
+        out = {}
+        for s in ("web", "worker"):
+            ids = docker("images", "--filter", f"reference={self.project}-{s}", "--format", "{{.ID}}").split()
+            out[s] = ids[0] if ids else None
+        return out
 
 
 # --- the state a row assumes ------------------------------------------------------------

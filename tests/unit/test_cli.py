@@ -18,7 +18,8 @@ defaults: {{ssh_config: /dev/null, known_hosts: /dev/null, remote_dir: /srv/shop
 environments:
   dev: {{compose_file: {compose}/docker-compose.dev.yml, hosts: [dev-host]}}
   staging: {{compose_file: {compose}/docker-compose.stag.yml, hosts: [staging-host]}}
-  prod: {{compose_file: {compose}/docker-compose.prod.yml, hosts: [prod-a, prod-b], protected: true}}
+  prod: {{compose_file: {compose}/docker-compose.prod.yml, hosts: [prod-a, {{name: prod-b, roles: [app, db]}}], protected: true,
+         roles: {{app: [web, worker], db: [db]}}}}
 """)
     monkeypatch.setenv("DEPLOY_HOSTS", str(p))
     return p
@@ -66,7 +67,7 @@ def test_inventory_error_exit_2(tmp_path, monkeypatch):
 def test_dry_run_prints_commands_per_host_and_connects_to_nothing(hosts):
     code, out, err = run(["--dry-run", "prod", "up", "-d", "web"])
     assert code == 0, err
-    assert out.count("$ docker compose --ansi never -p shop-prod") == 2
+    assert out.count("up --remove-orphans --detach --wait") == 2
     assert "prod-a | " in out and "prod-b | " in out
     assert "sync release" in out and "-- web" in out
 

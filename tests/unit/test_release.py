@@ -53,6 +53,8 @@ def test_dotenv_keeps_values_literal():
 
 
 def test_scripts_take_values_as_parameters_only():
-    argv = rel.prepare_argv("/srv/x; rm -rf /", "abc")
-    assert argv[:2] == ["sh", "-c"] and argv[3:] == ["deploy-prepare", "/srv/x; rm -rf /", "abc", ""]
+    from deployment import release_host as rh
+    r = rel.Release("abc", Path("/"), rel.PurePosixPath("c.yml"), (), "", project="p")
+    argv = rh.prepare_argv("/srv/x; rm -rf /", r)
+    assert argv[:2] == ["sh", "-c"] and argv[3:] == ["deploy-prepare", "/srv/x; rm -rf /", "abc", "p", ""]
     assert "rm -rf /" not in argv[2]

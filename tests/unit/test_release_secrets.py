@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from deployment import inventory as inv
+from deployment import release_host as rh
 from deployment import release as rel
 from deployment.errors import UsageError
 
@@ -167,15 +168,19 @@ def test_the_id_costs_a_few_tens_of_milliseconds_at_most(tmp_path):
 
 # --- the host-side scripts, run here with sh ---------------------------------------------------
 
+def named(release_id: str, project: str = "p") -> rel.Release:
+    return rel.Release(release_id, Path("/"), rel.PurePosixPath("c.yml"), (), "", project=project)
+
+
 def sh(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True)
 
 
 def test_scripts_set_umask_077_before_creating_anything():
-    for script in (rel.PREPARE_SCRIPT, rel.INSTALL_SCRIPT):
+    for script in (rh.PREPARE_SCRIPT, rh.INSTALL_SCRIPT):
         assert "umask 077" in script
         assert script.index("umask 077") < script.index("mkdir")
-    assert "chmod 600" not in rel.INSTALL_SCRIPT     # the .env is created 0600, not narrowed later
+    assert "chmod 600" not in rh.INSTALL_SCRIPT     # the .env is created 0600, not narrowed later
 
 
 def age(path: Path, minutes: float) -> None:
@@ -194,7 +199,7 @@ def test_prepare_sweeps_stale_uploads_and_staging_dirs_only(tmp_path):
     (d / ".incoming").chmod(0o755)
     age(d / "releases" / ".abc.123", 120)
     age(d / "releases" / "keep-me", 600)
-    res = sh(rel.prepare_argv(str(d), "someid"))
+    res = sh(rh.prepare_argv(str(d), named("someid")))
     assert res.returncode == 0 and res.stdout.startswith("missing "), res.stderr
     assert sorted(p.name for p in (d / ".incoming").iterdir()) == ["fresh.2.tar.gz", "recent.3.tar.gz"]
     assert sorted(p.name for p in (d / "releases").iterdir()) == ["keep-me"]
@@ -203,7 +208,7 @@ def test_prepare_sweeps_stale_uploads_and_staging_dirs_only(tmp_path):
 
 def test_prepare_creates_the_environment_private(tmp_path):
     d = tmp_path / "new" / "env"
-    assert sh(rel.prepare_argv(str(d), "someid")).returncode == 0
+    assert sh(rh.prepare_argv(str(d), named("someid"))).returncode == 0
     for p in (d, d / "releases", d / ".incoming"):
         assert p.stat().st_mode & 0o777 == 0o700, p
 
@@ -221,10 +226,10 @@ def release_for(tmp_path: Path) -> rel.Release:
 def test_install_extracts_the_env_0600_in_a_private_release_and_removes_the_upload(tmp_path):
     r = release_for(tmp_path)
     d = tmp_path / "env"
-    assert sh(rel.prepare_argv(str(d), r.id)).returncode == 0
+    assert sh(rh.prepare_argv(str(d), r)).returncode == 0
     upload = d / ".incoming" / f"{r.id}.n.tar.gz"
     upload.write_bytes(r.tarball())
-    res = sh(rel.install_argv(str(d), r, str(upload)))
+    res = sh(rh.install_argv(str(d), r, str(upload)))
     assert res.returncode == 0, res.stderr
     home = d / "releases" / r.id
     assert (home / r.env_path).read_text() == 'PASSWORD="s3cret"\n'
@@ -235,24 +240,25 @@ def test_install_extracts_the_env_0600_in_a_private_release_and_removes_the_uplo
     assert (home / "app" / "run.sh").stat().st_mode & 0o777 == 0o755
     assert (home / "app").stat().st_mode & 0o777 == 0o755
     assert list((d / ".incoming").iterdir()) == []
-    assert os.readlink(d / "current") == f"releases/{r.id}"
+    # Installing is not deploying: `current` names what runs, and nothing runs yet.
+    assert not (d / "current").exists()
 
 
 def test_a_failed_install_leaves_neither_upload_nor_staging_directory(tmp_path):
     r = release_for(tmp_path)
     d = tmp_path / "env"
-    sh(rel.prepare_argv(str(d), r.id))
+    sh(rh.prepare_argv(str(d), r))
     upload = d / ".incoming" / f"{r.id}.n.tar.gz"
     upload.write_bytes(r.tarball()[:100])      # cut short
-    assert sh(rel.install_argv(str(d), r, str(upload))).returncode != 0
+    assert sh(rh.install_argv(str(d), r, str(upload))).returncode != 0
     assert list((d / ".incoming").iterdir()) == []
     assert list((d / "releases").iterdir()) == []
 
 
 def test_scripts_take_values_as_parameters_only():
-    r = rel.Release("abc", Path("/"), rel.PurePosixPath("c.yml"), (), "")
-    argv = rel.install_argv("/srv/x; rm -rf /", r, "/srv/x/.incoming/$(id)")
-    assert argv[3:] == ["deploy-install", "/srv/x; rm -rf /", "abc", "/srv/x/.incoming/$(id)", "5"]
+    r = named("abc", project="p; rm -rf /")
+    argv = rh.install_argv("/srv/x; rm -rf /", r, "/srv/x/.incoming/$(id)")
+    assert argv[3:] == ["deploy-install", "/srv/x; rm -rf /", "abc", "/srv/x/.incoming/$(id)", "5", "p; rm -rf /"]
     assert "rm -rf /" not in argv[2] and "$(id)" not in argv[2]
 
 
