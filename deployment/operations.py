@@ -96,8 +96,10 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
                             what="compose up")
         if res.exited != 0:
             explain_failed_start(hs, compose, res, deployed.current)
-        if not hs.dry_run:
-            mark_up(hs.runner, env, release.id, command, whole_stack=whole)
+        if hs.dry_run:
+            hs.say(f"then: switch {env.env_dir}/current to release {release.id}")
+            return
+        mark_up(hs.runner, env, release.id, command, whole_stack=whole)
         hs.say(f"{env.compose_project}: release {release.id} up and healthy; current is {release.id}")
 
     fan_out(hosts, step)
@@ -141,9 +143,12 @@ def down(hosts: list[HostSession], volumes: bool = False, yes: bool = False,
         if hs.dry_run:
             return
         if "Removed" in res.stdout + res.stderr:
-            hs.say(f"{env.compose_project}: stopped and removed" + (" (volumes too)" if volumes else ""))
+            hs.say(f"{env.compose_project}: stopped and removed" + (" (named volumes too)" if volumes else ""))
         else:
             hs.say(f"{env.compose_project}: nothing was running; nothing to remove")
+        if volumes:
+            hs.say(f"state directories (read-write bind mounts) in {env.env_dir}/shared are kept; "
+                   "remove them by hand if that is meant")
 
     fan_out(hosts, step)
 
