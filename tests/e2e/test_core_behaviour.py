@@ -236,7 +236,10 @@ def test_logs_tail(make_inventory):
 
 def test_status_json_and_an_unreachable_host_is_reported_not_a_crash(world, make_inventory):
     hosts = make_inventory()
-    edit_inventory(hosts, lambda d: d["environments"]["dev"].update(hosts=["dev-host", "deploy@127.0.0.1:1"]))
+    # Two hosts: the database runs on one only (roles), or up refuses before any host.
+    edit_inventory(hosts, lambda d: d["environments"]["dev"].update(
+        hosts=[{"name": "dev-host", "roles": ["app", "db"]}, "deploy@127.0.0.1:1"],
+        roles={"app": ["web", "worker"], "db": ["db"]}))
     assert deploy(hosts, "dev", "up", "-d").code == 3   # the bad host fails; dev-host comes up
     r = deploy(hosts, "dev", "status", "--json")
     assert r.code == 3, r.text
