@@ -163,9 +163,13 @@ def test_bind_mounted_state_survives_six_releases_a_rollback_and_down_volumes(pr
     r = proj.deploy("rollback")
     assert r.code == 0, r.text
     assert (shared / "log").read_text().split() == [f"release-{n}" for n in range(1, 7)] + ["release-5"]
-    # Retention kept five releases (current and previous among them), the state is untouched.
-    kept = [p.name for p in (proj.env_dir / "releases").iterdir() if not p.name.startswith(".")]
-    assert len(kept) <= 6 and proj.current() in kept
+    # Retention kept five releases (current and previous among them) and only their image
+    # tags; the state is untouched.
+    kept = {p.name for p in (proj.env_dir / "releases").iterdir() if not p.name.startswith(".")}
+    assert len(kept) == 5 and proj.current() in kept
+    tagged = {t.rsplit(":", 1)[1] for t in docker("images", "--format", "{{.Repository}}:{{.Tag}}",
+                                                  "--filter", f"reference={proj.project}-*").split()}
+    assert tagged == kept
     r = proj.deploy("down", "--volumes")
     assert r.code == 0 and "shared" in r.out, r.text
     assert (shared / "log").read_text().split()[-1] == "release-5"
@@ -200,3 +204,31 @@ def test_two_hosts_never_start_a_second_database(world, make_inventory, project_
         r = fab(hosts, "-H", host, "up", "--detach")
         assert r.code == 0, r.text
     assert sorted(containers(project)) == ["db", "web", "worker"]
+
+
+def test_protected_rollback_confirms_names_the_pre_migration_backup_and_refuses_without_images(
+        make_inventory, project_copy):
+    proj = Project(make_inventory(compose_dir=project_copy), project_copy.parent.parent, env="prod")
+    proj.version("A")
+    a = release_id(proj.up())
+    assert proj.deploy("migrate", "--no-backup").code == 0
+    proj.version("B")
+    (proj.root / "app" / "migrations" / "0004_create_notes.sql").write_text("CREATE TABLE notes (id int);\n")
+    b = release_id(proj.up())
+    r = proj.deploy("migrate")          # protected: a verified backup first
+    assert r.code == 0, r.text
+    (backup,) = sorted((proj.hosts.parent / "backups" / "prod").glob("*.dump"))
+    r = proj.deploy("rollback")
+    assert r.code == 2 and "--yes" in r.err and proj.current() == b, r.text
+    r = fab(proj.hosts, "-H", "prod-host", "rollback", "--yes")
+    assert r.code == 0, r.text
+    assert proj.current() == a and proj.served() == "A"
+    assert "database was NOT rolled back" in r.out and str(backup) in r.out, r.out
+    r = fab(proj.hosts, "-H", "prod-host", "releases")
+    assert r.code == 0 and f"* {a}" in r.out.replace("  ", " "), r.out
+    # B's images removed behind the tool's back: rolling back to B is refused, nothing changes.
+    tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={proj.project}-*:{b}").split()
+    docker("rmi", *tags)
+    r = proj.deploy("rollback", b[:6], "--yes")
+    assert r.code == 1 and "gone" in r.error and "nothing was changed" in r.error, r.text
+    assert proj.current() == a and proj.served() == "A"
