@@ -79,7 +79,8 @@ PREPARE_SCRIPT = EXPAND_DIR + (
 # the first rename wins; the loser discards its copy. The upload and the staging directory
 # are removed however the script ends. `current` is not touched: it means "what runs".
 INSTALL_SCRIPT = EXPAND_DIR + (
-    'umask 077; set -e; cd "$d"; id=$2; upload=$3; keep=$4; project=$5; shift 5; tmp="releases/.$id.$$"; '
+    'umask 077; set -e; cd "$d"; mkdir -p releases; id=$2; upload=$3; keep=$4; project=$5; shift 5; '
+    'tmp="releases/.$id.$$"; '
     "trap 'rm -rf \"$tmp\" \"$upload\"' EXIT; trap 'exit 1' HUP INT TERM; "
     'rm -rf "$tmp"; mkdir "$tmp"; '
     # $tmp is 0700. Inside it the release's files get the modes they had on the operator's
@@ -211,48 +212,43 @@ class HostListing:
         return deployed[0] if deployed else None
 
 
+def _json_object(text: str) -> dict | None:
+    """A JSON object from a file on the host, or None if it is not one (a damaged file
+    must not break `releases` or `rollback`)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def parse_listing(text: str) -> HostListing:
     current, releases, images, migrations = "", {}, set(), []
     for line in text.splitlines():
         kind, _, rest = line.partition(" ")
+        rid, _, value = rest.partition(" ")
         if kind == "current":
             current = rest.strip()
         elif kind == "release":
-            rid, _, when = rest.partition(" ")
-            releases[rid] = HostRelease(rid, int(when or 0))
-        elif kind == "deployed":
-            rid, _, doc = rest.partition(" ")
-            try:
-                record = json.loads(doc)
-            except ValueError:
-                record = None
-            if rid in releases and isinstance(record, dict):
-                releases[rid].deployed = record
-        elif kind == "ran":
-            rid, service, image = (rest.split(" ") + ["", ""])[:3]
-            if rid in releases:
-                releases[rid].ran[service] = image
-        elif kind == "wants":
-            rid, _, tag = rest.partition(" ")
-            if rid in releases and tag:
-                releases[rid].wants.append(tag)
-        elif kind == "layout":
-            rid, _, doc = rest.partition(" ")
-            try:
-                layout = json.loads(doc)
-            except ValueError:
-                layout = None
-            if rid in releases and isinstance(layout, dict):
-                releases[rid].layout = {k: v for k, v in layout.items() if isinstance(v, str)}
+            releases[rid] = HostRelease(rid, int(value) if value.isdigit() else 0)
         elif kind == "image":
-            images.add(rest.split(" ")[0])
+            images.add(rid)
         elif kind == "migration":
-            try:
-                record = json.loads(rest)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
+            record = _json_object(rest)
+            if record is not None:
                 migrations.append(record)
+        elif rid not in releases:
+            continue
+        elif kind == "deployed":
+            releases[rid].deployed = _json_object(value)
+        elif kind == "layout":
+            layout = _json_object(value) or {}
+            releases[rid].layout = {k: v for k, v in layout.items() if isinstance(v, str)}
+        elif kind == "ran":
+            service, _, image = value.partition(" ")
+            releases[rid].ran[service] = image
+        elif kind == "wants" and value:
+            releases[rid].wants.append(value)
     for r in releases.values():
         r.current = r.id == current
         r.missing_images = [t for t in r.wants if t not in images]
