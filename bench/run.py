@@ -4,18 +4,41 @@
 Every figure is the median of RUNS interleaved runs after one warm-up, each a whole
 process as a user runs it. Nothing here asserts anything: it prints tables and writes
 bench/results/bench-<UTC time>.json. Needs the test world with 16 extra hosts
-(`TESTBED_EXTRA_HOSTS=16 make testbed`, which `make bench` does).
+(`TESTBED_EXTRA_HOSTS=16 make testbed`, which `make bench` does; only `fanout` uses them).
+
+`rollback` and `change` (`--only rollback change`) run on stacks of their own on dev-host
+(a unique compose project, a remote directory under the world's remote_root, copies of
+the app in a temporary directory) and remove all of it at the end, also on Ctrl+C:
+- rollback: `deploy ENV rollback` A->B->A..., beside `deploy ENV status` and plain
+  compose over ssh switching between the same two releases' files (`up -d --wait
+  --no-build`: the container work of a rollback without the tool); target: rollback <=
+  2 x status + that health wait. Every rollback is checked to upload and build nothing
+  (its output, the image tags and ids, the host's releases) and to serve its release.
+- change: `deploy ENV up -d` after a one-line edit of app/web.py, beside an operator's
+  script (`rsync -a` of the same files to a directory of its own, then `ssh HOST docker
+  compose -p PROJECT-hand up -d --build --wait`; every edit is new, so no run finds the
+  other's build cache). It reports the release tarball's size against rsync's bytes sent
+  and where the tool's time goes, from the timestamps of its `-v` output.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -90,10 +113,10 @@ def table(title: str, results: dict[str, dict], baseline: str, unit: str = "s", 
 
 # --- set-up -----------------------------------------------------------------------------------
 
-def world() -> dict:
+def world(fanout: bool = True) -> dict:
     info = json.loads((STATE / "world.json").read_text())
     extra = [h for h in info["hosts"] if h.startswith("extra-host-")]
-    if len(extra) < 16:
+    if fanout and len(extra) < 16:
         raise SystemExit("bench: needs 16 extra hosts: TESTBED_EXTRA_HOSTS=16 make testbed")
     return info
 
@@ -388,34 +411,397 @@ def bench_connections(w, hosts):
     return out
 
 
+# --- releases: rollback, and a one-line change ------------------------------------------------
+# Both rows work on stacks of their own on dev-host: a unique project, its own remote
+# directory under the world's remote_root, copies of the app outside this checkout (each
+# a git work tree of its own, as a real project is), free ports; everything is removed
+# at the end (compose down -v, the project's images, the remote directory, the copies).
+
+REL_HOST = "dev-host"
+WEB_PY = ("app", "web.py")
+
+
+def free_ports(n: int, start: int = 18600) -> list[int]:
+    ports, port = [], start
+    while len(ports) < n:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                ports.append(port)
+            except OSError:
+                pass
+        port += 1
+    return ports
+
+
+def docker(*args: str, check: bool = False) -> str:
+    res = subprocess.run(["docker", *args], capture_output=True, text=True, cwd="/")
+    if check and res.returncode != 0:
+        raise SystemExit(f"bench: docker {' '.join(args)} failed: {res.stderr}")
+    return res.stdout
+
+
+def timeline(argv: list[str]) -> tuple[float, list[tuple[float, str]]]:
+    """Run argv (a whole process), stdout and stderr merged; (wall s, [(s since start, line)])."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    lines = [(time.perf_counter() - t0, raw.decode(errors="replace").rstrip("\n")) for raw in proc.stdout]
+    rc = proc.wait()
+    dt = time.perf_counter() - t0
+    proc.stdout.close()
+    if rc != 0:
+        raise SystemExit(f"bench: {' '.join(map(str, argv))} failed ({rc}):\n"
+                         + "\n".join(line for _, line in lines[-40:]))
+    return dt, lines
+
+
+COMPOSE_CMD = re.compile(r"^\$ docker compose .* (build --|up --remove-orphans)( |$)")
+
+
+def compose_marks(lines: list[tuple[float, str]]) -> dict[str, float]:
+    """When (s since start) the tool's -v output shows it starting its first remote command,
+    `compose build`, `compose up` and the first command after `compose up`."""
+    cmds = [(t, line) for t, line in lines if line.startswith("$ ")]
+    marks = {"first": cmds[0][0]} if cmds else {}
+    for t, line in cmds:
+        m = COMPOSE_CMD.match(line)
+        if m and m.group(1).startswith("build"):
+            marks.setdefault("build", t)
+        elif m:
+            marks.setdefault("up", t)
+        elif "up" in marks:
+            marks.setdefault("after_up", t)
+    return marks
+
+
+class AppCopy:
+    """A copy of the app and the dev compose file that the bench edits: a git work tree."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port = root, port
+        shutil.copytree(REPO / "app", root / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (root / "deployment" / "compose").mkdir(parents=True)
+        shutil.copy(REPO / "deployment" / "compose" / "docker-compose.dev.yml", self.compose)
+        git = ["git", "-C", str(root), "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+        sh([*git, "init", "-q"])
+        sh([*git, "add", "-A"])
+        sh([*git, "commit", "-q", "-m", "bench copy"])
+
+    @property
+    def compose(self) -> Path:
+        return self.root / "deployment" / "compose" / "docker-compose.dev.yml"
+
+    def version(self, v: str) -> None:
+        """A one-line code change: web answers with Server: shop-web/<v>."""
+        path = self.root.joinpath(*WEB_PY)
+        text = path.read_text()
+        start = text.index('server_version = "') + len('server_version = "')
+        path.write_text(text[:start] + f"shop-web/{v}" + text[text.index('"', start):])
+
+    def served(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=10) as resp:
+            return resp.headers["Server"].split()[0].removeprefix("shop-web/")
+
+
+class ReleaseStacks:
+    """The inventory and app copies of the rollback and change rows, and their clean-up."""
+
+    def __init__(self, w: dict):
+        self.w = w
+        self.project = f"benchrel{uuid.uuid4().hex[:6]}"
+        self.nonce = uuid.uuid4().hex[:6]      # in every version string: no build cache from elsewhere
+        self.remote = Path(w["remote_root"]) / self.project
+        self.tmp = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
+        self.hand_images: set[str] = set()
+        ports = iter(free_ports(6))
+        self.copies, self.variables = {}, {}
+        for name in ("rb", "chg", "hand"):
+            web = next(ports)
+            self.copies[name] = AppCopy(self.tmp / name, web)
+            self.variables[name] = {**w["images"], "WEB_PORT": web, "DB_PORT": next(ports),
+                                    "POSTGRES_PASSWORD": f"bench-{uuid.uuid4().hex[:12]}"}
+        envs = {name: {"compose_file": str(self.copies[name].compose), "root": str(self.copies[name].root),
+                       "hosts": [REL_HOST], "variables": self.variables[name]} for name in ("rb", "chg")}
+        inv = {"project": self.project,
+               "defaults": {"ssh_config": w["ssh_config"], "known_hosts": w["known_hosts"],
+                            "remote_dir": str(self.remote), "command_timeout": 600},
+               "environments": envs}
+        self.hosts = self.tmp / "hosts.yaml"
+        self.hosts.write_text(json.dumps(inv, indent=2))
+        # The hand-made deployment: its own directory on the host and compose project, and
+        # the same variables as a .env beside its compose file (rsync'ed with the code).
+        hand = self.copies["hand"]
+        (hand.compose.parent / ".env").write_text(
+            "".join(f"{k}={v}\n" for k, v in self.variables["hand"].items()))
+        self.hand_dir = f"{self.remote}/hand"
+        self.hand_project = f"{self.project}-hand"
+
+    def deploy(self, *args: str) -> list[str]:
+        return [*DEPLOY, "--hosts", str(self.hosts), *args]
+
+    def ssh(self, command: str) -> list[str]:
+        return ["ssh", "-F", self.w["ssh_config"], REL_HOST, command]
+
+    def hand_compose(self, *args: str) -> str:
+        compose = f"{self.hand_dir}/deployment/compose"
+        return shlex.join(["docker", "compose", "--ansi", "never", "-p", self.hand_project,
+                           "-f", f"{compose}/docker-compose.dev.yml", "--env-file", f"{compose}/.env", *args])
+
+    def images(self, env: str) -> dict[str, str]:
+        """repository:tag -> image id of the env's images on the engine."""
+        out = docker("images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}",
+                     "--filter", f"reference={self.project}-{env}-*")
+        return dict(line.split() for line in out.splitlines() if line.strip())
+
+    def cleanup(self) -> None:
+        for env in ("rb", "chg", "hand"):
+            docker("compose", "-p", f"{self.project}-{env}", "down", "--volumes", "--remove-orphans",
+                   "--timeout", "2")
+        tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter",
+                      f"reference={self.project}-*").split()
+        if tags:
+            docker("rmi", *sorted(set(tags)))
+        # The hand builds retag <project>-hand-*:latest, leaving the earlier ones untagged;
+        # their ids were recorded (they hold this run's unique version string).
+        left = [i for i in self.hand_images if docker("image", "inspect", "-f", "{{.Id}}", i).strip()]
+        if left:
+            docker("rmi", *left)
+        subprocess.run(self.ssh(f"rm -rf {shlex.quote(str(self.remote))}"), capture_output=True,
+                       stdin=subprocess.DEVNULL)
+        shutil.rmtree(self.remote, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def up_or_die(stacks: ReleaseStacks, env: str) -> str:
+    res = sh(stacks.deploy(env, "up", "-d"), check=False, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise SystemExit(f"bench: deploy {env} up -d failed:\n{res.stdout}\n{res.stderr}")
+    return next(w for line in res.stdout.splitlines() if "up and healthy" in line for w in line.split()
+                if len(w) == 16 and all(c in "0123456789abcdef" for c in w))
+
+
+def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
+    """`deploy ENV rollback` between two releases, beside `status` and the same container
+    work done by plain compose over ssh (switching the running release's compose files)."""
+    copy = stacks.copies["rb"]
+    versions = {}
+    for v in ("A", "B"):
+        copy.version(f"{v}-{stacks.nonce}")
+        versions[up_or_die(stacks, "rb")] = f"{v}-{stacks.nonce}"
+    a, b = versions
+    state = {"current": b}
+    other = {a: b, b: a}
+    env_dir = stacks.remote / "rb"
+    layout = json.loads((env_dir / "releases" / a / ".deploy-layout").read_text())
+    images_before = stacks.images("rb")
+    releases_before = sorted(p.name for p in (env_dir / "releases").iterdir())
+    problems: list[str] = []
+    marks: list[dict] = []
+
+    def check(cond: bool, what: str) -> None:
+        if not cond and what not in problems:
+            problems.append(what)
+
+    def rollback() -> float:
+        target = other[state["current"]]
+        dt, lines = timeline(stacks.deploy("-v", "rb", "rollback"))
+        state["current"] = target
+        text = "\n".join(line for _, line in lines)
+        m = compose_marks(lines)
+        marks.append({"before_compose_up": m["up"], "compose_up_wait": m["after_up"] - m["up"],
+                      "after_compose_up": dt - m["after_up"]})
+        check("nothing is uploaded or built" in text, "rollback did not say 'nothing is uploaded or built'")
+        check("uploaded" not in text.replace("nothing is uploaded", ""), "rollback output mentions an upload")
+        check(not re.search(r"building|Building|^\$ docker compose .* build --", text, re.M),
+              "rollback output shows a build")
+        check(stacks.images("rb") == images_before, "the image tags or ids changed")
+        check(sorted(p.name for p in (env_dir / "releases").iterdir()) == releases_before,
+              "the host's releases changed (something was installed)")
+        check(os.readlink(env_dir / "current") == f"releases/{target}", "current is not the target release")
+        check(copy.served() == versions[target], "web does not serve the target release")
+        return dt
+
+    def compose_switch(release: str) -> float:
+        base = f"{env_dir}/releases/{release}"
+        command = shlex.join(["docker", "compose", "--ansi", "never", "-p", f"{stacks.project}-rb",
+                              "-f", f"{base}/{layout['compose']}", "-f", f"{base}/{layout['override']}",
+                              "--env-file", f"{base}/{layout['env']}", "up", "-d", "--wait", "--no-build"])
+        dt = timed(stacks.ssh(command))
+        check(copy.served() == versions[release], "plain compose: web does not serve the release switched to")
+        return dt
+
+    cases = {
+        "deploy.py rollback": rollback,
+        "deploy.py status": lambda: timed(stacks.deploy("rb", "status")),
+        # The rollback's container work without the tool: to the other release and back
+        # (so the next rollback again switches every container). Both are samples.
+        "ssh compose up -d --wait (to other)": lambda: compose_switch(other[state["current"]]),
+        "ssh compose up -d --wait (back)": lambda: compose_switch(state["current"]),
+    }
+    r = compare(cases, runs)
+    both = r.pop("ssh compose up -d --wait (to other)")["runs"] + r.pop("ssh compose up -d --wait (back)")["runs"]
+    health = "ssh HOST compose up -d --wait (switch release)"
+    r[health] = {"median": statistics.median(both), "min": min(both), "max": max(both), "runs": both}
+    rb, status, wait = (r[k]["median"] for k in ("deploy.py rollback", "deploy.py status", health))
+    budget = 2 * status + wait
+    phase = {k: statistics.median(m[k] for m in marks[1:]) for k in marks[0]}
+    r["deploy.py rollback"]["phases_s"] = phase
+    r["deploy.py rollback"]["extra"] = (f"before compose up {phase['before_compose_up']:.2f} s, its compose up "
+                                        f"--wait {phase['compose_up_wait']:.2f} s, after {phase['after_compose_up']:.2f} s")
+    table("7. rollback to the previous release until healthy (median wall time)", r, health)
+    print(f"  target: rollback <= 2 x status + the services' own health wait = {budget:.3f} s; "
+          f"rollback / that = x{rb / budget:.2f}: {'met' if rb <= budget else 'NOT met'}")
+    print(f"  tool's own time (rollback - plain compose's switch): {rb - wait:+.3f} s; 2 x status {2 * status:.3f} s")
+    print(f"  nothing uploaded or built (output, image ids, the host's releases, what web serves): "
+          + ("verified on every run" if not problems else "NO: " + "; ".join(problems)))
+    return {"cases": r, "budget_s": budget, "ratio_to_budget": rb / budget, "target_met": rb <= budget,
+            "nothing_uploaded_or_built": not problems, "problems": problems, "releases": versions}
+
+
+def tarball_bytes(hosts: Path, env: str) -> int:
+    """The size of the release tarball the tool uploads for what the work tree holds now."""
+    sys.path.insert(0, str(REPO))
+    from deployment import inventory as inv_mod, release as rel_mod
+    release = rel_mod.build(inv_mod.load(hosts).environment(env))
+    buf = io.BytesIO()
+    release.write_tarball(buf)
+    return len(buf.getvalue())
+
+
+def bench_change(stacks: ReleaseStacks, runs: int) -> dict:
+    """`deploy ENV up -d` of a one-line change of web, beside rsync + ssh compose up --build --wait."""
+    tool, hand = stacks.copies["chg"], stacks.copies["hand"]
+    n = {"tool": 0, "hand": 0}
+    tool_runs, hand_runs = [], []
+    rsync = ["rsync", "-a", "--delete", "--stats", "-e", f"ssh -F {stacks.w['ssh_config']}",
+             f"{hand.root}/app", f"{hand.root}/deployment", f"{REL_HOST}:{stacks.hand_dir}/"]
+    hand_up = stacks.hand_compose("up", "-d", "--build", "--wait")
+    # Both stacks up once (untimed): a change is measured against a running stack.
+    tool.version(f"tool-{stacks.nonce}-0")
+    up_or_die(stacks, "chg")
+    hand.version(f"hand-{stacks.nonce}-0")
+    sh(stacks.ssh(f"mkdir -p {shlex.quote(stacks.hand_dir)}"), stdin=subprocess.DEVNULL)
+    sh(rsync, stdin=subprocess.DEVNULL)
+    sh(stacks.ssh(hand_up), stdin=subprocess.DEVNULL)
+    problems: list[str] = []
+
+    def tool_change() -> float:
+        n["tool"] += 1
+        v = f"tool-{stacks.nonce}-{n['tool']}"
+        tool.version(v)
+        size = tarball_bytes(stacks.hosts, "chg")
+        dt, lines = timeline(stacks.deploy("-v", "chg", "up", "-d"))
+        text = "\n".join(line for _, line in lines)
+        if "uploaded" not in text or "building them" not in text:
+            problems.append(f"up -d of {v} did not upload and build")
+        if tool.served() != v:
+            problems.append(f"after up -d of {v} web serves {tool.served()}")
+        m = compose_marks(lines)
+        tool_runs.append({"wall_s": dt, "tarball_bytes": size, "phases_s": {
+            "start, inventory, release id, connect": m["first"],
+            "check + tar + upload + install": m["build"] - m["first"],
+            "compose build": m["up"] - m["build"],
+            "compose up --wait (health)": m["after_up"] - m["up"],
+            "record, retention, exit": dt - m["after_up"]}})
+        return dt
+
+    def hand_change() -> float:
+        n["hand"] += 1
+        v = f"hand-{stacks.nonce}-{n['hand']}"
+        hand.version(v)
+        for svc in ("web", "worker"):
+            old = docker("image", "inspect", "-f", "{{.Id}}", f"{stacks.hand_project}-{svc}").strip()
+            if old:
+                stacks.hand_images.add(old)
+        t0 = time.perf_counter()
+        res = sh(rsync, stdin=subprocess.DEVNULL)
+        t1 = time.perf_counter()
+        sh(stacks.ssh(hand_up), stdin=subprocess.DEVNULL)
+        t2 = time.perf_counter()
+        sent = re.search(r"Total bytes sent: ([\d,.]+)", res.stdout)
+        if hand.served() != v:
+            problems.append(f"after the hand script of {v} web serves {hand.served()}")
+        hand_runs.append({"wall_s": t2 - t0, "rsync_s": t1 - t0, "compose_s": t2 - t1,
+                          "rsync_bytes_sent": int(re.sub(r"[,.]", "", sent.group(1))) if sent else None})
+        return t2 - t0
+
+    cases = {"deploy.py up -d (one-line change)": tool_change,
+             "rsync -a + ssh compose up -d --build --wait": hand_change}
+    r = compare(cases, runs)
+    tool_runs, hand_runs = tool_runs[1:], hand_runs[1:]      # [0] is the warm-up
+    med = statistics.median
+    phases = {k: med(run["phases_s"][k] for run in tool_runs) for k in tool_runs[0]["phases_s"]}
+    tar = med(run["tarball_bytes"] for run in tool_runs)
+    sent = med(run["rsync_bytes_sent"] or 0 for run in hand_runs)
+    t = r["deploy.py up -d (one-line change)"]
+    h = r["rsync -a + ssh compose up -d --build --wait"]
+    t.update(phases_s=phases, tarball_bytes=tar, per_run=tool_runs)
+    h.update(rsync_s=med(x["rsync_s"] for x in hand_runs), compose_s=med(x["compose_s"] for x in hand_runs),
+             rsync_bytes_sent=sent, per_run=hand_runs)
+    t["extra"] = f"uploads {tar / 1024:.1f} KiB a change"
+    h["extra"] = f"rsync {h['rsync_s']:.2f} s, {sent} bytes sent; compose {h['compose_s']:.2f} s"
+    table("8. up -d of a one-line change of web, until healthy (median wall time)", r,
+          "rsync -a + ssh compose up -d --build --wait")
+    print("  where the tool's time goes (median of its runs, from -v timestamps):")
+    for k, v in phases.items():
+        print(f"    {k:<40} {v:6.3f} s  {100 * v / t['median']:3.0f}%")
+    print(f"  bytes per change: the tool's release tarball {tar:.0f} B vs rsync's {sent:.0f} B sent "
+          f"(x{tar / max(sent, 1):.1f})")
+    if problems:
+        print("  PROBLEMS: " + "; ".join(problems))
+    return {"cases": r, "problems": problems}
+
+
+ROWS = ["latency", "fanout", "pull", "push", "redeploy", "connections", "rollback", "change"]
+
+
+def ensure_rsync() -> None:
+    if shutil.which("rsync"):
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("bench: the change row needs rsync (apt-get install rsync)")
+    print("bench: installing rsync (apt-get)", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    res = sh(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "rsync"], check=False, env=env)
+    if res.returncode != 0:
+        sh(["apt-get", "update", "-qq"], env=env)
+        sh(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "rsync"], env=env)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--pull-mib", type=int, nargs="+", default=[100, 1024])
-    p.add_argument("--only", nargs="+", choices=["latency", "fanout", "pull", "push", "redeploy", "connections"])
+    p.add_argument("--only", nargs="+", choices=ROWS)
     args = p.parse_args()
+    want = set(args.only or ROWS)
+    # SIGTERM (a timeout, a closed session) cleans up like Ctrl+C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     WORK.mkdir(parents=True, exist_ok=True)
     # Measure the tool as installed: pip compiles an installed package's bytecode, and a
     # checkout writes it on first run, unless PYTHONDONTWRITEBYTECODE is set (it is on some
     # build machines), which would add a recompile of the package to every timed run.
     sh([PY, "-m", "compileall", "-q", str(REPO / "deployment")])
-    w = world()
+    w = world(fanout="fanout" in want)
     bindir = ssh_wrapper(w)
     hosts = inventory(w)
     os.environ["PATH"] = f"{bindir}:{os.environ['PATH']}"
-    # The stack the commands look at: up and migrated once.
-    for argv in (["up", "-d"], ["migrate"]):
-        res = sh([*DEPLOY, "--hosts", str(hosts), "b1", *argv], check=False)
-        if res.returncode != 0:
-            raise SystemExit(f"bench: deploy b1 {' '.join(argv)} failed:\n{res.stdout}\n{res.stderr}")
-    want = set(args.only or ["latency", "fanout", "pull", "push", "redeploy", "connections"])
+    if want & {"latency", "fanout", "pull", "push", "redeploy", "connections"}:
+        # The stack those commands look at: up and migrated once.
+        for argv in (["up", "-d"], ["migrate"]):
+            res = sh([*DEPLOY, "--hosts", str(hosts), "b1", *argv], check=False)
+            if res.returncode != 0:
+                raise SystemExit(f"bench: deploy b1 {' '.join(argv)} failed:\n{res.stdout}\n{res.stderr}")
+    if "change" in want:
+        ensure_rsync()
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "kernel": platform.release(),
                            "openssh": sh(["ssh", "-V"], check=False).stderr.strip()},
-               "runs": args.runs}
+               "runs": args.runs, "loadavg_start": os.getloadavg()}
     print(f"bench: {results['date']}, {os.cpu_count()} CPUs, {results['machine']['openssh']}, "
-          f"median of {args.runs} interleaved runs after a warm-up")
+          f"median of {args.runs} interleaved runs after a warm-up; load average "
+          + " ".join(f"{x:.2f}" for x in results["loadavg_start"]))
     if "latency" in want:
         results["latency"] = bench_latency(w, hosts, bindir, args.runs)
     if "fanout" in want:
@@ -428,11 +814,25 @@ def main() -> int:
         results["redeploy"] = bench_redeploy(hosts, args.runs)
     if "connections" in want:
         results["connections"] = bench_connections(w, hosts)
+    if want & {"rollback", "change"}:
+        stacks = ReleaseStacks(w)
+        results["releases_project"] = stacks.project
+        try:
+            if "rollback" in want:
+                results["rollback"] = bench_rollback(stacks, args.runs)
+                # Its stack is done: stop it so that it does not compete with the next row.
+                docker("compose", "-p", f"{stacks.project}-rb", "down", "--volumes", "--timeout", "2")
+            if "change" in want:
+                results["change"] = bench_change(stacks, args.runs)
+        finally:
+            stacks.cleanup()
+    results["loadavg_end"] = os.getloadavg()
+    print("\nbench: load average at the end " + " ".join(f"{x:.2f}" for x in results["loadavg_end"])
+          + " (other work on this machine shares its cores)")
     out = RESULTS / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nbench: results in {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
