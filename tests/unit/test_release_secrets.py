@@ -158,12 +158,9 @@ def test_the_same_content_in_another_project_gets_another_id(tmp_path):
     assert rel.build(small_env(tmp_path / "c", "shop"), {"PASSWORD": "letmein"}).id == a.id
 
 
-def test_the_id_costs_a_few_tens_of_milliseconds_at_most(tmp_path):
-    env = small_env(tmp_path)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        rel.release_id(b"x" * 32, env.compose_project)
-    assert (time.perf_counter() - t0) / 3 < 0.15
+def test_the_id_uses_interactive_scrypt_parameters():
+    # Its cost is measured by the bench, not timed here: N=2^14, r=8 is 16 MiB a guess.
+    assert (rel.ID_KDF_N, rel.ID_KDF_R, rel.ID_KDF_P) == (1 << 14, 8, 1)
 
 
 # --- the host-side scripts, run here with sh ---------------------------------------------------
