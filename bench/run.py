@@ -609,7 +609,7 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
         text = "\n".join(line for _, line in lines)
         m = compose_marks(lines)
         marks.append({"before_compose_up": m["up"], "compose_up_wait": m["after_up"] - m["up"],
-                      "after_compose_up": dt - m["after_up"]})
+                      "after_compose_up": dt - m["after_up"], "to": target})
         check("nothing is uploaded or built" in text, "rollback did not say 'nothing is uploaded or built'")
         check("uploaded" not in text.replace("nothing is uploaded", ""), "rollback output mentions an upload")
         check(not re.search(r"building|Building|^\$ docker compose .* build --", text, re.M),
@@ -639,13 +639,18 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
         "ssh compose up -d --wait (back)": lambda: compose_switch(state["current"]),
     }
     r = compare(cases, runs)
-    both = r.pop("ssh compose up -d --wait (to other)")["runs"] + r.pop("ssh compose up -d --wait (back)")["runs"]
+    there, back = r.pop("ssh compose up -d --wait (to other)"), r.pop("ssh compose up -d --wait (back)")
+    both = there["runs"] + back["runs"]
     health = "ssh HOST compose up -d --wait (switch release)"
-    r[health] = {"median": statistics.median(both), "min": min(both), "max": max(both), "runs": both}
+    r[health] = {"median": statistics.median(both), "min": min(both), "max": max(both), "runs": both,
+                 "to_other_median": there["median"], "back_median": back["median"],
+                 # Where the healthchecks' 2 s intervals fall differs between the two; so both.
+                 "extra": f"{len(both)} switches: to the other release {there['median']:.2f} s, "
+                          f"back {back['median']:.2f} s"}
     rb, status, wait = (r[k]["median"] for k in ("deploy.py rollback", "deploy.py status", health))
     budget = 2 * status + wait
-    phase = {k: statistics.median(m[k] for m in marks[1:]) for k in marks[0]}
-    r["deploy.py rollback"]["phases_s"] = phase
+    phase = {k: statistics.median(m[k] for m in marks[1:]) for k in marks[0] if k != "to"}
+    r["deploy.py rollback"].update(phases_s=phase, per_run=marks[1:])
     r["deploy.py rollback"]["extra"] = (f"before compose up {phase['before_compose_up']:.2f} s, its compose up "
                                         f"--wait {phase['compose_up_wait']:.2f} s, after {phase['after_compose_up']:.2f} s")
     table("7. rollback to the previous release until healthy (median wall time)", r, health)
