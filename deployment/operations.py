@@ -23,7 +23,7 @@ from .commands import EXPAND_DIR, Compose, check_services
 from .errors import DeployError, ExitStatus, HostKeyError, RemoteError, UsageError
 from .inventory import Environment
 from .runner import last_line
-from .session import HostSession, fan_out
+from .session import QUIET, HostSession, fan_out
 from .sync import deploy_record, mark_up
 from .ui import confirm
 
@@ -231,7 +231,7 @@ def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None 
         except DeployError as exc:
             return HostStatus(hs.name, [], str(exc), int(exc.status), refused=isinstance(exc, HostKeyError))
 
-    results = [o.value for o in fan_out(hosts, step, out=_Discard()) ]
+    results = [o.value for o in fan_out(hosts, step, out=QUIET)]
     if as_json:
         json.dump({"environment": env.name, "project": env.compose_project,
                    "hosts": [r.as_dict() for r in results]}, out, indent=2)
@@ -241,11 +241,6 @@ def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None 
             _print_status(r, env, out)
     worst = max((r.status for r in results), default=0)
     return worst
-
-
-class _Discard:
-    def write(self, _): pass
-    def flush(self): pass
 
 
 def _print_status(r: HostStatus, env: Environment, out: IO[str]) -> None:

@@ -8,8 +8,8 @@ from typing import IO
 from . import release_host as rh
 from .commands import Compose
 from .errors import DeployError, RemoteError, UsageError
-from .session import HostSession, fan_out
 from .operations import explain_failed_start
+from .session import QUIET, HostSession, fan_out
 from .sync import mark_up
 from .ui import confirm
 
@@ -27,7 +27,7 @@ def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | Non
         for hs in hosts:
             hs.runner.run(rh.list_argv(env.env_dir, env.compose_project))
         return
-    listings = fan_out(hosts, _listing, out=_Quiet())
+    listings = fan_out(hosts, _listing, out=QUIET)
     if as_json:
         json.dump({"environment": env.name, "project": env.compose_project,
                    "hosts": [{"host": o.host, "current": o.value.current or None,
@@ -53,11 +53,6 @@ def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | Non
     out.flush()
 
 
-class _Quiet:
-    def write(self, _): pass
-    def flush(self): pass
-
-
 def rollback(hosts: list[HostSession], target: str | None = None, yes: bool = False,
              stdin: IO[str] | None = None, err: IO[str] | None = None) -> None:
     """Bring up the release before `current` (or `target`, an id or unique prefix) with its
@@ -72,7 +67,7 @@ def rollback(hosts: list[HostSession], target: str | None = None, yes: bool = Fa
                    "from releases/<id>, and switch current to it")
         return
     # First every host's choice, then one confirmation, then the change.
-    plans = {o.host: o.value for o in fan_out(hosts, lambda hs: _plan(hs, target), out=_Quiet())}
+    plans = {o.host: o.value for o in fan_out(hosts, lambda hs: _plan(hs, target), out=QUIET)}
     if env.protected:
         ids = sorted({p[0].id for p in plans.values()})
         confirm(env.name, f"roll {env.name} back to release {', '.join(ids)}", yes=yes, stdin=stdin,

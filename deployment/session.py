@@ -94,6 +94,21 @@ class HostSession:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            self._runner = None
+
+
+class _Quiet:
+    """An output that drops what it is given: for fan-outs whose summary the caller prints
+    in its own form (status, releases)."""
+
+    def write(self, _) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+QUIET = _Quiet()
 
 
 @dataclass
@@ -116,7 +131,9 @@ def sessions(env: Environment, hosts: tuple[Host, ...] | None = None, *, dry_run
 
 def fan_out(hosts: list[HostSession], step: Callable[[HostSession], object],
             out: IO[str] | None = None) -> list[Outcome]:
-    """Run step on every host (in parallel when there are several), closing connections after.
+    """Run step on every host (in parallel when there are several). Connections stay open
+    for the invocation's next step (one connection per host per invocation); the caller
+    closes them at the end.
 
     One host: its error propagates as is. Several: each host's result or error becomes an
     Outcome, a per-host summary is printed (to the invocation's output unless `out` says
@@ -124,19 +141,16 @@ def fan_out(hosts: list[HostSession], step: Callable[[HostSession], object],
     """
     out = out or hosts[0].out
     if len(hosts) == 1:
-        try:
-            return [Outcome(hosts[0].name, 0, "ok", step(hosts[0]))]
-        finally:
-            hosts[0].close()
+        return [Outcome(hosts[0].name, 0, "ok", step(hosts[0]))]
 
     def one(hs: HostSession) -> Outcome:
         try:
             return Outcome(hs.name, 0, "ok", step(hs))
         except DeployError as exc:
             hs.say(f"error: {exc}")
-            return Outcome(hs.name, int(exc.status), str(exc))
-        finally:
+            # A failed host's connection may be dead: drop it (a later step reconnects).
             hs.close()
+            return Outcome(hs.name, int(exc.status), str(exc))
 
     with ThreadPoolExecutor(max_workers=min(len(hosts), 32)) as pool:
         futures = [pool.submit(one, hs) for hs in hosts]
