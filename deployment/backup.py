@@ -70,7 +70,8 @@ DUMP_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; mkdir -p "$d/backups"; ' + _FIND
     'size=$(stat -c %s "$part"); '
     'db=$(docker exec "$c" sh -c \'echo "${POSTGRES_DB:-$POSTGRES_USER}"\'); '
     'ver=$(docker exec "$c" sh -c \'postgres -V 2>/dev/null || pg_dump -V\' | head -n 1); '
-    'mv "$part" "$d/backups/$4"; trap - EXIT; rm -f "$step"; docker exec "$c" rm -f "$tmp"; '
+    # ln, not mv: a backup of the same name (another machine, the same second) is never replaced.
+    'ln "$part" "$d/backups/$4"; rm -f "$part"; trap - EXIT; rm -f "$step"; docker exec "$c" rm -f "$tmp"; '
     'echo "path=$d/backups/$4"; echo "sha256=$sha"; echo "size=$size"; echo "database=$db"; echo "version=$ver"'
 )
 
@@ -100,6 +101,9 @@ PRUNE_SCRIPT = EXPAND_DIR + (
 # the backup (a newer migration's table) go too. pg_restore writes SQL into psql; COMMIT
 # ($9) is sent only after pg_restore succeeded, so a failure or a stop anywhere rolls
 # everything back. psql prints the marker after COMMIT, so the client knows.
+# (pg_restore's own --single-transaction as well: pg_restore documents that without it a
+# script may carry transaction control of its own (large objects); with it, its leading
+# BEGIN only warns inside ours and its COMMIT comes at the very end.)
 RESTORE_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; ' + (
     # The uploaded file goes on any exit, also when the db is not running.
     'f=$5; c=""; step=""; tmp="/tmp/deploy-restore.$$.dump"; stopped=""; names=""; '
@@ -124,7 +128,7 @@ RESTORE_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; ' + (
     '  echo "stopping the services that use the database: $names" >&2; docker stop $stopped >/dev/null; fi; '
     'echo "verified; restoring in one transaction" >&2; '
     'docker exec -e PGAPPNAME="deploy-$7" "$c" sh -c \''
-    '{ printf "%s\\n" "$2"; if pg_restore --no-owner --file=- "$1"; then printf "%s\\n" "$3"; '
+    '{ printf "%s\\n" "$2"; if pg_restore --single-transaction --no-owner --file=- "$1"; then printf "%s\\n" "$3"; '
     'else : > "$1.failed"; fi; } | psql -X -q -v ON_ERROR_STOP=1 -o /dev/null --username="$POSTGRES_USER" '
     '--dbname="${POSTGRES_DB:-$POSTGRES_USER}"; rc=$?; '
     'if [ -e "$1.failed" ]; then echo "pg_restore failed; nothing was committed" >&2; exit 6; fi; exit $rc\' '

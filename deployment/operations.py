@@ -476,7 +476,10 @@ def _dump_outcome(res) -> str:
     return "the dump was stopped on the host and removed; no backup was kept"
 
 
-def _backup_locked(hs: HostSession, env: Environment, keep: int, report: "bk.Reporter") -> Path:
+def _backup_locked(hs: HostSession, env: Environment, keep: int | None, report: "bk.Reporter") -> Path:
+    """Take, verify and pull a backup; then apply retention (keep the `keep` newest),
+    unless keep is None (a restore's safety backup: the file being restored may be the
+    oldest one kept, and retention must not remove it)."""
     created = datetime.now(timezone.utc)
     directory = env.backup_dir
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -501,6 +504,8 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int, report: "bk.Rep
     manifest["file"] = final.name
     bk.write_manifest(final, manifest)
     report.line(f"backup {env.name}: {final} ({bk.human(size)}, sha256 {sha}) verified")
+    if keep is None:
+        return final
     # Retention only now that the new backup is known good, and never the new backup.
     removed = bk.prune_local(directory, env, keep, newest=final)
     pruned = hs.runner.run(bk.prune_argv(env.env_dir, keep, bk.backup_prefix(env), final.name),
@@ -574,7 +579,7 @@ def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report) ->
                                       f"{env.env_dir}/backups/.restore-XXXX.dump", step))
         return
     if env.protected:
-        safety = _backup_locked(hs, env, max(env.backup_keep, 2), report)
+        safety = _backup_locked(hs, env, None, report)
         report.line(f"safety backup of the current data: {safety}")
     remote_dir = hs.runner.run(bk.resolve_dir_argv(env.env_dir), echo=False,
                                what="preparing the upload").stdout.strip()

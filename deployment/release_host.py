@@ -35,9 +35,14 @@ _PRUNE = (
     'prune() { '
     '  cur=$(readlink current 2>/dev/null || :); cur=${cur#releases/}; '
     '  prev=$(awk -v c="$cur" \'$2 != c { p = $2 } END { print p }\' deploys.log 2>/dev/null || :); '
+    # Releases whose files a container still mounts (a service left on an older release
+    # by `up SERVICE`) stay too: its bind mounts must outlive a restart.
+    '  inuse=$(docker ps -aq --filter "label=com.docker.compose.project=$project" 2>/dev/null '
+    '    | xargs -r docker inspect -f "{{range .Mounts}}{{.Source}} {{end}}" 2>/dev/null || :); '
     '  ls -1t releases | grep -v "^\\." | tail -n +$(( keep + 1 )) | while read -r old; do '
     '    case $old in "$id"|"$cur"|"$prev") continue ;; esac; '
-    '    rm -rf "releases/$old"; '
+    '    case $inuse in *"/releases/$old/"*|*"/releases/$old") continue ;; esac; '
+    '    rm -rf "releases/$old" || continue; '
     '    docker images --format "{{.Repository}}:{{.Tag}}" --filter "reference=$project-*:$old" '
     '      | xargs -r docker rmi >/dev/null 2>&1 || :; '
     '    echo "pruned $old"; done; }; '

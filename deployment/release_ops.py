@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import IO
 
+from . import placement
+from . import release as rel
 from . import release_host as rh
 from .commands import Compose
 from .errors import DeployError, RemoteError, UsageError
@@ -66,6 +68,9 @@ def rollback(hosts: list[HostSession], target: str | None = None, yes: bool = Fa
             hs.say(f"then: compose up -d --wait --no-build of release {target or '<the one before current>'} "
                    "from releases/<id>, and switch current to it")
         return
+    # A host starts only its roles' services, as `up` does (never a second database).
+    compose_spec = rel.load_compose(env.compose_file)
+    placement.check_placement(env, compose_spec)
     # First every host's choice, then one confirmation, then the change.
     plans = {o.host: o.value for o in fan_out(hosts, lambda hs: _plan(hs, target), out=QUIET)}
     if env.protected:
@@ -80,10 +85,13 @@ def rollback(hosts: list[HostSession], target: str | None = None, yes: bool = Fa
                           f"{base}/{release.layout['env']}", f"{base}/{release.layout['override']}")
         hs.say(f"rolling back from release {listing.current or '(none)'} to {release.id} "
                f"(deployed {release.deployed_at or 'never'}); nothing is uploaded or built")
-        res = hs.runner.run(compose.up(detach=True, no_build=True), check=False, what="compose up")
+        mine = placement.services_to_start(env, hs.host, compose_spec)
+        whole = mine == list(compose_spec["services"])
+        res = hs.runner.run(compose.up([] if whole else mine, detach=True, no_build=True, no_deps=not whole),
+                            check=False, what="compose up")
         if res.exited != 0:
             explain_failed_start(hs, compose, res, listing.current)
-        mark_up(hs.runner, env, release.id, f"rollback {release.id}", whole_stack=True)
+        mark_up(hs.runner, env, release.id, f"rollback {release.id}", whole_stack=whole)
         hs.say(f"{env.compose_project}: release {release.id} up and healthy; current is {release.id}")
         _warn_about_migrations(hs, release, listing)
 

@@ -274,12 +274,19 @@ class HostRunner:
             chan = self.conn.transport.open_session()
             chan.settimeout(self.command_timeout)
             chan.exec_command(command)
-            drain = threading.Thread(target=_drain, args=(chan.recv_stderr, err), daemon=True)
+            drain = threading.Thread(target=_drain_quietly, args=(chan.recv_stderr, err), daemon=True)
             drain.start()
             try:
                 _drain(chan.recv, out)
             except KeyboardInterrupt as exc:
-                raise self._stop_step(exc, chan, drain, out, err, stop_argv, what, outcome) from None
+                raise StepInterrupted(exc, self._stop_step(chan, drain, out, err, stop_argv, what, outcome)) from None
+            except TimeoutError:
+                # Past the command timeout the step is stopped on the host too: it must not
+                # go on (and commit) unseen after the tool has reported a failure.
+                stopped = self._stop_step(chan, drain, out, err, stop_argv, what, outcome)
+                raise RemoteError(f"{self.name}: {what} did not finish within {self.command_timeout:g} s "
+                                  f"(command timeout); {stopped}",
+                                  hint="raise command_timeout in hosts.yaml if it is expected") from None
             drain.join(self.command_timeout)
             status = chan.recv_exit_status()
             chan.close()
@@ -292,9 +299,10 @@ class HostRunner:
             err.finish()
         return Result(status, out.text(), err.text())
 
-    def _stop_step(self, exc: KeyboardInterrupt, chan, drain, out, err, stop_argv, what, outcome) -> StepInterrupted:
+    def _stop_step(self, chan, drain, out, err, stop_argv, what, outcome) -> str:
+        """Stop the step on the host, wait for it to end, and say what became of it."""
         say = LineWriter(self.stderr, self.prefix)
-        say.write(f"{self.name}: interrupted; stopping {what} on the host and waiting for it to end\n")
+        say.write(f"{self.name}: stopping {what} on the host and waiting for it to end\n")
         with shielded_from_interrupts(lambda: say.write(f"{self.name}: still stopping {what}; "
                                                           "waiting for the host to confirm\n")):
             result = None
@@ -308,12 +316,10 @@ class HostRunner:
             except (TimeoutError, OSError, EOFError, SSHException, RemoteError, ConnectError):
                 result = None
         if outcome is not None:
-            text = outcome(result)
-        elif result is None:
-            text = f"the host did not confirm within {STOP_WAIT:g} s that {what} stopped; check it there"
-        else:
-            text = f"{what} was stopped on the host (exit {result.exited})"
-        return StepInterrupted(exc, text)
+            return outcome(result)
+        if result is None:
+            return f"the host did not confirm within {STOP_WAIT:g} s that {what} stopped; check it there"
+        return f"{what} was stopped on the host (exit {result.exited})"
 
     def stream_out(self, argv: list[str], sink, *, what: str | None = None) -> None:
         """Run argv and hand its stdout to sink() in chunks as they arrive (memory stays flat).
@@ -436,6 +442,20 @@ def _drain(recv, chunks) -> None:
     """Read a channel stream to its end into chunks (which outlive an interrupt)."""
     while data := recv(65536):
         chunks.append(data)
+
+
+def _drain_quietly(recv, chunks) -> None:
+    """_drain for a helper thread: a stream may stay silent past the channel's timeout
+    (stderr during a long restore) and is read on until the channel closes; the main
+    thread judges the step and its timeout."""
+    while True:
+        try:
+            _drain(recv, chunks)
+            return
+        except TimeoutError:
+            continue
+        except (OSError, EOFError, SSHException):
+            return
 
 
 def command_line(argv: list[str], cwd: str | None = None) -> str:

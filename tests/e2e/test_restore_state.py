@@ -228,3 +228,37 @@ def test_sigterm_mid_migration_stops_it_on_the_host_and_rolls_it_back(stack, pro
     assert s.sql("SELECT count(*) FROM schema_migrations WHERE version LIKE '0004%'") == "0"
     assert s.sql(sleeping) == "0"
     assert set(containers(s.project)) == {"web", "worker", "db"}
+
+
+def test_a_failing_restore_with_large_objects_still_rolls_back_everything(stack):
+    s = stack("dev").ready()
+    # Large objects are restored inside the same single transaction as the rest: a failure
+    # after them (a role the target lacks) rolls them back too.
+    s.sql("SELECT lo_from_bytea(0, 'blob in the backup'::bytea)")
+    s.sql("CREATE ROLE reporting2")
+    s.sql("GRANT SELECT ON items TO reporting2")
+    s.mark("original")
+    assert s.deploy("backup").code == 0
+    s.sql("REVOKE SELECT ON items FROM reporting2")
+    s.sql("DROP ROLE reporting2")
+    s.mark("newer")
+    before = s.items()
+    r = s.deploy("restore")
+    assert r.code == 1 and "rolled back" in r.error, r.text
+    assert s.items() == before
+    assert s.sql("SELECT count(*) FROM pg_largeobject_metadata") == "1"
+
+
+def test_a_protected_restore_of_the_oldest_kept_backup_keeps_it(make_inventory, project_copy):
+    hosts = make_inventory(compose_dir=project_copy, backup={"keep": 2})
+    s = Stack(hosts, "prod").ready()
+    s.mark("first")
+    assert s.deploy("backup").code == 0
+    s.mark("second")
+    assert s.deploy("backup").code == 0
+    oldest = s.local()[0]
+    s.mark("third")
+    # The safety backup taken first must not push the file being restored out by retention.
+    r = s.deploy("restore", "--file", str(oldest), "--yes")
+    assert r.code == 0, r.text
+    assert oldest.exists() and "second" not in s.items() and "first" in s.items()
