@@ -83,6 +83,11 @@ def ensure_slow_link() -> None:
     """The namespace, the veth pair and the throttle behind slow-host (idempotent)."""
     if SLOW_NS not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
         run(["ip", "netns", "add", SLOW_NS])
+    if ok(["ip", "link", "show", SLOW_VETH[0]]) and \
+            not ok(["ip", "netns", "exec", SLOW_NS, "ip", "link", "show", SLOW_VETH[1]]):
+        # A veth left from an earlier namespace of that name (removed while a process still
+        # held it): its peer is not in this one. Start the link over.
+        run(["ip", "link", "del", SLOW_VETH[0]])
     if not ok(["ip", "link", "show", SLOW_VETH[0]]):
         run(["ip", "link", "add", SLOW_VETH[0], "type", "veth", "peer", "name", SLOW_VETH[1], "netns", SLOW_NS])
         run(["ip", "addr", "add", f"{SLOW_NET[0]}/30", "dev", SLOW_VETH[0]])
