@@ -7,7 +7,6 @@ DeployError subclasses on failure.
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone

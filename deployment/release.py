@@ -31,7 +31,6 @@ from typing import Any
 import yaml
 
 from . import dockerignore
-from .commands import EXPAND_DIR
 from .errors import UsageError
 from .inventory import Environment
 

@@ -8,7 +8,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from deployment import inventory, release as rel

@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from tests.conftest import (Run, all_healthy, containers, deploy, deploy_until, docker, image_id, networks,
+from tests.conftest import (Run, all_healthy, containers, deploy, deploy_until, docker, networks,
                             volumes)
 
 ENVS = ["dev", "staging", "prod"]
