@@ -10,6 +10,7 @@ generated from the CLI's command table (deployment/fabric_tasks.py). Examples:
     fab -H dev-host logs --tail 50 --services web,worker
     fab --dry -H prod-host down --volumes --yes      # prints what would run
 """
+
 from deployment.fabric_tasks import tasks
 
 globals().update({("test_" if name == "test" else name): task for name, task in tasks().items()})

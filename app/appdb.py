@@ -3,6 +3,7 @@
 The connection comes from DATABASE_URL or the libpq PG* variables in the container's
 environment, never from a command line, so the password shows in no process list.
 """
+
 import os
 import time
 

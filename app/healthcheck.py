@@ -1,4 +1,5 @@
 """Container healthchecks, so the images need no curl: `python3 healthcheck.py web|worker`."""
+
 import os
 import sys
 import time

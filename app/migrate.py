@@ -11,6 +11,7 @@ run waits for the first (up to MIGRATE_LOCK_TIMEOUT seconds), then finds nothing
 Exit codes: 0 done or up to date; 1 a migration failed or the database is unreachable
 (nothing is left half-applied); 2 usage.
 """
+
 import argparse
 import hashlib
 import os
@@ -19,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-import psycopg2
-
 import appdb
+import psycopg2
 
 LOCK_KEY = 7_261_003_001  # any constant unique to this application's migrations
 NAME_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -77,8 +77,9 @@ def lock(conn, timeout: float) -> None:
                 return
         conn.commit()
         if time.monotonic() >= deadline:
-            raise SystemExit(f"migrate: another migrate run has held the lock for {timeout:.0f} s; "
-                             "nothing applied (exit 1)")
+            raise SystemExit(
+                f"migrate: another migrate run has held the lock for {timeout:.0f} s; nothing applied (exit 1)"
+            )
         if not said:
             say("another migrate run is in progress; waiting for it")
             said = True
@@ -121,8 +122,9 @@ def main(argv=None) -> int:
             try:
                 with conn.cursor() as cur:
                     cur.execute(path.read_text())
-                    cur.execute("INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)",
-                                (version, checksum(path)))
+                    cur.execute(
+                        "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)", (version, checksum(path))
+                    )
                 conn.commit()
             except psycopg2.Error as exc:
                 conn.rollback()

@@ -11,6 +11,7 @@ One line per test, then "N passed, M failed". Exit codes: 0 all passed; 1 some f
 In --read-only mode the database session itself is read-only, so a test that tried to
 write would fail rather than change data.
 """
+
 import argparse
 import json
 import os
@@ -31,13 +32,13 @@ def test(service, read_only=False):
     def register(fn):
         TESTS.append((service, fn.__name__.removeprefix("test_"), read_only, fn))
         return fn
+
     return register
 
 
 def http(method, path, body=None):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(WEB_URL + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(WEB_URL + path, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -63,6 +64,7 @@ def check(cond, msg):
 
 
 # --- web --------------------------------------------------------------------------------
+
 
 @test("web", read_only=True)
 def test_health():
@@ -103,6 +105,7 @@ def test_rejects_invalid_item():
 
 # --- worker -----------------------------------------------------------------------------
 
+
 @test("worker", read_only=True)
 def test_worker_heartbeat_is_recent():
     max_age = 3 * float(os.environ.get("WORKER_INTERVAL", "5")) + 10
@@ -116,6 +119,7 @@ def test_worker_heartbeat_is_recent():
 
 
 # --- db ---------------------------------------------------------------------------------
+
 
 @test("db", read_only=True)
 def test_database_answers():
@@ -160,8 +164,10 @@ def main(argv=None) -> int:
         selected = [t for t in selected if t[0] == args.service]
         if not selected:
             subset = "read-only tests" if READ_ONLY else "tests"
-            print(f"run_tests: no {subset} for service '{args.service}' "
-                  f"(services with {subset}: {', '.join(services)})", file=sys.stderr)
+            print(
+                f"run_tests: no {subset} for service '{args.service}' (services with {subset}: {', '.join(services)})",
+                file=sys.stderr,
+            )
             return 2
     if args.list:
         for service, name, ro, _ in selected:

@@ -5,6 +5,7 @@ GET  /items         the items, newest first
 POST /items         {"name": "..."} -> 201 with the new item
 GET  /stats         row counts and the worker's last heartbeat
 """
+
 import json
 import os
 import signal
@@ -12,9 +13,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import psycopg2
-
 import appdb
+import psycopg2
 
 DEBUG = os.environ.get("APP_DEBUG", "0") == "1"
 
@@ -74,8 +74,9 @@ class Handler(BaseHTTPRequestHandler):
             name = body.get("name")
             if not isinstance(name, str) or not 0 < len(name) <= 200:
                 return self.reply(400, {"error": "name must be a string of 1 to 200 characters"})
-            row = self.query("INSERT INTO items (name) VALUES (%s) RETURNING id, name, created_at",
-                             (name,), commit=True)[0]
+            row = self.query(
+                "INSERT INTO items (name) VALUES (%s) RETURNING id, name, created_at", (name,), commit=True
+            )[0]
             return self.reply(201, {"id": row[0], "name": row[1], "created_at": row[2]})
         except (ValueError, AttributeError):
             return self.reply(400, {"error": "body must be a JSON object"})
@@ -87,6 +88,7 @@ def main():
     port = int(os.environ.get("PORT", "8000"))
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
     server.daemon_threads = True
+
     # As PID 1 in a container, SIGTERM does nothing unless handled: without this,
     # `docker compose down` would wait its full timeout and then SIGKILL us.
     def stop(*_):

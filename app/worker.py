@@ -3,6 +3,7 @@
 Its healthcheck reads HEARTBEAT_FILE, touched after every round in which the database
 answered, so "healthy" means "connected", whether or not migrations have run yet.
 """
+
 import os
 import signal
 import socket
@@ -10,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import psycopg2
-
 import appdb
+import psycopg2
 
 INTERVAL = float(os.environ.get("WORKER_INTERVAL", "5"))
 HEARTBEAT_FILE = Path(os.environ.get("HEARTBEAT_FILE", "/tmp/worker-heartbeat"))

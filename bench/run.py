@@ -20,6 +20,7 @@ the app in a temporary directory) and remove all of it at the end, also on Ctrl+
   other's build cache). It reports the release tarball's size against rsync's bytes sent
   and where the tool's time goes, from the timestamps of its `-v` output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,8 +64,10 @@ def timed(argv, env=None) -> float:
     res = subprocess.run(argv, capture_output=True, env=env, stdin=subprocess.DEVNULL)
     dt = time.perf_counter() - t0
     if res.returncode != 0:
-        raise SystemExit(f"bench: {' '.join(map(str, argv))} failed ({res.returncode}):\n"
-                         f"{res.stdout.decode()[-2000:]}\n{res.stderr.decode()[-2000:]}")
+        raise SystemExit(
+            f"bench: {' '.join(map(str, argv))} failed ({res.returncode}):\n"
+            f"{res.stdout.decode()[-2000:]}\n{res.stderr.decode()[-2000:]}"
+        )
     return dt
 
 
@@ -97,8 +100,9 @@ def compare(cases: dict[str, callable], runs: int) -> dict[str, dict]:
     for _ in range(runs):
         for name, fn in cases.items():
             samples[name].append(fn())
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
-            for name, v in samples.items()}
+    return {
+        name: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for name, v in samples.items()
+    }
 
 
 def table(title: str, results: dict[str, dict], baseline: str, unit: str = "s", higher_is_better: bool = False):
@@ -107,11 +111,14 @@ def table(title: str, results: dict[str, dict], baseline: str, unit: str = "s", 
     width = max(len(k) for k in results)
     for name, r in results.items():
         ratio = (r["median"] / base) if not higher_is_better else (base / r["median"])
-        print(f"  {name:<{width}}  {r['median']:9.3f} {unit}   x{ratio:5.2f} vs {baseline}"
-              + (f"   ({r['extra']})" if r.get("extra") else ""))
+        print(
+            f"  {name:<{width}}  {r['median']:9.3f} {unit}   x{ratio:5.2f} vs {baseline}"
+            + (f"   ({r['extra']})" if r.get("extra") else "")
+        )
 
 
 # --- set-up -----------------------------------------------------------------------------------
+
 
 def world(fanout: bool = True) -> dict:
     info = json.loads((STATE / "world.json").read_text())
@@ -127,7 +134,7 @@ def ssh_wrapper(w: dict) -> Path:
     bindir.mkdir(parents=True, exist_ok=True)
     for tool in ("ssh", "scp"):
         p = bindir / tool
-        p.write_text(f"#!/bin/sh\nexec /usr/bin/{tool} -F {w['ssh_config']} \"$@\"\n")
+        p.write_text(f'#!/bin/sh\nexec /usr/bin/{tool} -F {w["ssh_config"]} "$@"\n')
         p.chmod(0o755)
     return bindir
 
@@ -139,10 +146,16 @@ def inventory(w: dict) -> Path:
     envs = {"b1": {"compose_file": compose, "hosts": ["dev-host"], "variables": variables}}
     for n in (1, 4, 16):
         envs[f"fan{n}"] = {"compose_file": compose, "hosts": extra[:n], "variables": variables}
-    inv = {"project": "bench",
-           "defaults": {"ssh_config": w["ssh_config"], "known_hosts": w["known_hosts"],
-                        "remote_dir": f"{w['remote_root']}/bench", "backup": {"dir": str(WORK / "backups")}},
-           "environments": envs}
+    inv = {
+        "project": "bench",
+        "defaults": {
+            "ssh_config": w["ssh_config"],
+            "known_hosts": w["known_hosts"],
+            "remote_dir": f"{w['remote_root']}/bench",
+            "backup": {"dir": str(WORK / "backups")},
+        },
+        "environments": envs,
+    }
     path = WORK / "hosts.yaml"
     path.write_text(json.dumps(inv, indent=2))
     return path
@@ -154,15 +167,29 @@ def ansible_env(w: dict, hosts: list[str]) -> tuple[list[str], dict]:
         sh([PY, "-m", "venv", str(ANSIBLE_VENV)])
         sh([str(ANSIBLE_VENV / "bin" / "pip"), "install", "-q", "ansible-core"])
     inv = WORK / "ansible.ini"
-    lines = ["[all]"] + hosts + ["", "[all:vars]", f"ansible_ssh_common_args='-F {w['ssh_config']}'",
-                                 "ansible_python_interpreter=/usr/bin/python3"]
+    lines = (
+        ["[all]"]
+        + hosts
+        + [
+            "",
+            "[all:vars]",
+            f"ansible_ssh_common_args='-F {w['ssh_config']}'",
+            "ansible_python_interpreter=/usr/bin/python3",
+        ]
+    )
     inv.write_text("\n".join(lines) + "\n")
-    env = {**os.environ, "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_STDOUT_CALLBACK": "minimal",
-           "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(WORK / "ansible-tmp")}
+    env = {
+        **os.environ,
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        "ANSIBLE_STDOUT_CALLBACK": "minimal",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_LOCAL_TEMP": str(WORK / "ansible-tmp"),
+    }
     return [str(ANSIBLE_VENV / "bin" / "ansible"), "-i", str(inv)], env
 
 
 # --- the measurements -------------------------------------------------------------------------
+
 
 def bench_latency(w, hosts, bindir, runs):
     ps = "docker compose -p bench-b1 ps"
@@ -203,8 +230,12 @@ def bench_fanout(w, hosts, runs):
             # Every "host" shares this machine's two cores, so N remote compose processes
             # and N sshd handshakes compete whatever the client does.
             t0 = time.perf_counter()
-            procs = [subprocess.Popen(["ssh", "-F", w["ssh_config"], h, ps], stdout=subprocess.DEVNULL,
-                                      stdin=subprocess.DEVNULL) for h in names]
+            procs = [
+                subprocess.Popen(
+                    ["ssh", "-F", w["ssh_config"], h, ps], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+                )
+                for h in names
+            ]
             if any(p.wait() for p in procs):
                 raise SystemExit("bench: a parallel ssh failed")
             return time.perf_counter() - t0
@@ -212,8 +243,12 @@ def bench_fanout(w, hosts, runs):
         def remote_work_only(n=n):
             # What the hosts do, without any SSH: N compose processes at once, run here.
             t0 = time.perf_counter()
-            procs = [subprocess.Popen(["docker", "compose", "-p", "bench-b1", "ps"], stdout=subprocess.DEVNULL,
-                                      stdin=subprocess.DEVNULL) for _ in range(n)]
+            procs = [
+                subprocess.Popen(
+                    ["docker", "compose", "-p", "bench-b1", "ps"], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+                )
+                for _ in range(n)
+            ]
             if any(p.wait() for p in procs):
                 raise SystemExit("bench: docker compose ps failed")
             return time.perf_counter() - t0
@@ -222,16 +257,18 @@ def bench_fanout(w, hosts, runs):
             f"deploy.py status ({n} hosts)": tool,
             f"parallel OpenSSH ({n} at once)": parallel_ssh,
             f"ansible forks={n}": lambda names=names, a=ansible, e=aenv, n=n: timed(
-                [*a, "all", "-f", str(n), "-m", "command", "-a", ps], env=e),
+                [*a, "all", "-f", str(n), "-m", "command", "-a", ps], env=e
+            ),
             f"serial ssh loop ({n})": serial_ssh,
             f"no SSH: {n} x compose ps here": remote_work_only,
         }
         out[n] = compare(cases, runs)
-        own, busy, wall = (statistics.median(v) for v in zip(*cpu[n][1:]))   # [0] is the warm-up
+        own, busy, wall = (statistics.median(v) for v in zip(*cpu[n][1:]))  # [0] is the warm-up
         out[n][f"deploy.py status ({n} hosts)"].update(tool_cpu_s=own, machine_busy_cpu_s=busy)
         out[n][f"deploy.py status ({n} hosts)"]["extra"] = (
             f"tool CPU {own:.2f} s, machine busy {busy:.2f} CPU-s = {100 * busy / wall / os.cpu_count():.0f}% "
-            f"of {os.cpu_count()} cores")
+            f"of {os.cpu_count()} cores"
+        )
         table(f"2. Fan-out: status on {n} host(s)", out[n], f"deploy.py status ({n} hosts)")
     one = out[1]["deploy.py status (1 hosts)"]["median"]
     sixteen = out[16]["deploy.py status (16 hosts)"]
@@ -242,8 +279,10 @@ def bench_fanout(w, hosts, runs):
     # The hosts are processes on this machine: their CPU time and the tool's add up on
     # the same cores. Busy CPU-seconds / cores is the shortest the 16-host run could take.
     floor = sixteen["machine_busy_cpu_s"] / os.cpu_count()
-    print(f"  CPU floor of the 16-host run on this machine: {floor:.2f} s (x{floor / one:.2f} of 1 host); "
-          f"the tool itself used {sixteen['tool_cpu_s']:.2f} of {sixteen['machine_busy_cpu_s']:.2f} busy CPU-s")
+    print(
+        f"  CPU floor of the 16-host run on this machine: {floor:.2f} s (x{floor / one:.2f} of 1 host); "
+        f"the tool itself used {sixteen['tool_cpu_s']:.2f} of {sixteen['machine_busy_cpu_s']:.2f} busy CPU-s"
+    )
     out["cpu_floor_16_s"] = floor
     return {str(k): v for k, v in out.items()}
 
@@ -251,8 +290,15 @@ def bench_fanout(w, hosts, runs):
 def make_remote_file(w, mib: int) -> str:
     path = f"{w['remote_root']}/bench/blob-{mib}.bin"
     if not Path(path).exists() or Path(path).stat().st_size != mib << 20:
-        sh(["ssh", "-F", w["ssh_config"], "dev-host",
-            f"mkdir -p {w['remote_root']}/bench && head -c {mib << 20} /dev/urandom > {path}.tmp && mv {path}.tmp {path}"])
+        sh(
+            [
+                "ssh",
+                "-F",
+                w["ssh_config"],
+                "dev-host",
+                f"mkdir -p {w['remote_root']}/bench && head -c {mib << 20} /dev/urandom > {path}.tmp && mv {path}.tmp {path}",
+            ]
+        )
     return path
 
 
@@ -275,16 +321,17 @@ def run_probe(args: list[str]) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"bench: probe {args} failed: {err}")
-    PROBE_CPU.setdefault(args[0], []).append(
-        (usage.ru_utime + usage.ru_stime, (total1 - idle1) - (total0 - idle0), dt))
+    PROBE_CPU.setdefault(args[0], []).append((usage.ru_utime + usage.ru_stime, (total1 - idle1) - (total0 - idle0), dt))
     return dt, usage.ru_maxrss
 
 
 def cpu_note(action: str) -> tuple[str, dict]:
     """The median CPU figures of a probe's timed runs (the warm-up left out), and a text."""
     own, busy, wall = (statistics.median(v) for v in zip(*PROBE_CPU.pop(action)[1:]))
-    return (f"tool CPU {own:.2f} s, machine busy {100 * busy / wall / os.cpu_count():.0f}% of "
-            f"{os.cpu_count()} cores", {"tool_cpu_s": own, "machine_busy_cpu_s": busy})
+    return (
+        f"tool CPU {own:.2f} s, machine busy {100 * busy / wall / os.cpu_count():.0f}% of {os.cpu_count()} cores",
+        {"tool_cpu_s": own, "machine_busy_cpu_s": busy},
+    )
 
 
 def bench_pull(w, hosts, bindir, runs, sizes):
@@ -324,13 +371,28 @@ def bench_pull(w, hosts, bindir, runs, sizes):
             # the file is whole (its sha256) and on disk.
             local.unlink(missing_ok=True)
             t0 = time.perf_counter()
-            subprocess.run(["sh", "-c", 'ssh -F "$1" dev-host cat "$2" > "$3" && sha256sum "$3" && sync "$3"',
-                            "sh", w["ssh_config"], remote, str(local)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "sh",
+                    "-c",
+                    'ssh -F "$1" dev-host cat "$2" > "$3" && sha256sum "$3" && sync "$3"',
+                    "sh",
+                    w["ssh_config"],
+                    remote,
+                    str(local),
+                ],
+                check=True,
+                capture_output=True,
+            )
             return time.perf_counter() - t0
 
-        cases = {"deploy pull (stream + sha256 + fsync)": tool, "ssh HOST cat > file": ssh_cat,
-                 "ssh cat > file; sha256sum; sync": ssh_checked,
-                 "scp": scp, "fabric Connection.get": fabric_get}
+        cases = {
+            "deploy pull (stream + sha256 + fsync)": tool,
+            "ssh HOST cat > file": ssh_cat,
+            "ssh cat > file; sha256sum; sync": ssh_checked,
+            "scp": scp,
+            "fabric Connection.get": fabric_get,
+        }
         r = compare(cases, runs)
         for name, res in r.items():
             res["MiB_per_s"] = mib / res["median"]
@@ -343,7 +405,8 @@ def bench_pull(w, hosts, bindir, runs, sizes):
         r["ssh HOST cat > file"].update(ssh_figures)
         for name in r:
             r[name]["extra"] = f"{r[name]['MiB_per_s']:.0f} MiB/s" + (
-                f", peak RSS {r[name]['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r[name] else "")
+                f", peak RSS {r[name]['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r[name] else ""
+            )
         r["deploy pull (stream + sha256 + fsync)"]["extra"] += f", {note}"
         r["ssh HOST cat > file"]["extra"] += f", {ssh_note.replace('tool', 'ssh')}"
         table(f"3. Backup pull of {mib} MiB (median wall time; ratio < 1 is faster)", r, "ssh HOST cat > file")
@@ -372,9 +435,12 @@ def bench_push(w, hosts, runs, mib):
             subprocess.run(["ssh", "-F", w["ssh_config"], "dev-host", f"cat > {remote}"], stdin=fh, check=True)
         return time.perf_counter() - t0
 
-    cases = {"deploy push (SFTP, pipelined)": tool, "ssh HOST 'cat > file' < file": ssh_cat,
-             "scp": lambda: timed(["scp", "-q", "-F", w["ssh_config"], str(local), f"dev-host:{remote}"]),
-             "fabric Connection.put": lambda: run_probe(["fabric-put", str(hosts), str(local), remote])[0]}
+    cases = {
+        "deploy push (SFTP, pipelined)": tool,
+        "ssh HOST 'cat > file' < file": ssh_cat,
+        "scp": lambda: timed(["scp", "-q", "-F", w["ssh_config"], str(local), f"dev-host:{remote}"]),
+        "fabric Connection.put": lambda: run_probe(["fabric-put", str(hosts), str(local), remote])[0],
+    }
     r = compare(cases, runs)
     for name, res in r.items():
         res["MiB_per_s"] = mib / res["median"]
@@ -389,8 +455,10 @@ def bench_push(w, hosts, runs, mib):
 
 
 def bench_redeploy(hosts, runs):
-    cases = {"deploy.py up -d (no change)": lambda: timed([*DEPLOY, "--hosts", str(hosts), "b1", "up", "-d"]),
-             "deploy.py status": lambda: timed([*DEPLOY, "--hosts", str(hosts), "b1", "status"])}
+    cases = {
+        "deploy.py up -d (no change)": lambda: timed([*DEPLOY, "--hosts", str(hosts), "b1", "up", "-d"]),
+        "deploy.py status": lambda: timed([*DEPLOY, "--hosts", str(hosts), "b1", "status"]),
+    }
     r = compare(cases, runs)
     table("5. No-change redeploy vs status (target <= 2x)", r, "deploy.py status")
     return r
@@ -398,8 +466,15 @@ def bench_redeploy(hosts, runs):
 
 def bench_connections(w, hosts):
     log = STATE / "hosts" / "dev-host" / "sshd.log"
-    commands = {"status": ["status"], "up -d (no change)": ["up", "-d"], "logs --tail 1": ["logs", "--tail", "1"],
-                "check": ["check"], "test db": ["test", "db"], "migrate": ["migrate"], "backup": ["backup", "--keep", "2"]}
+    commands = {
+        "status": ["status"],
+        "up -d (no change)": ["up", "-d"],
+        "logs --tail 1": ["logs", "--tail", "1"],
+        "check": ["check"],
+        "test db": ["test", "db"],
+        "migrate": ["migrate"],
+        "backup": ["backup", "--keep", "2"],
+    }
     out = {}
     print("\n6. SSH connections opened on the host per command (sshd log, 'Accepted publickey')")
     for name, args in commands.items():
@@ -450,8 +525,9 @@ def timeline(argv: list[str]) -> tuple[float, list[tuple[float, str]]]:
     dt = time.perf_counter() - t0
     proc.stdout.close()
     if rc != 0:
-        raise SystemExit(f"bench: {' '.join(map(str, argv))} failed ({rc}):\n"
-                         + "\n".join(line for _, line in lines[-40:]))
+        raise SystemExit(
+            f"bench: {' '.join(map(str, argv))} failed ({rc}):\n" + "\n".join(line for _, line in lines[-40:])
+        )
     return dt, lines
 
 
@@ -496,7 +572,7 @@ class AppCopy:
         path = self.root.joinpath(*WEB_PY)
         text = path.read_text()
         start = text.index('server_version = "') + len('server_version = "')
-        path.write_text(text[:start] + f"shop-web/{v}" + text[text.index('"', start):])
+        path.write_text(text[:start] + f"shop-web/{v}" + text[text.index('"', start) :])
 
     def served(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=10) as resp:
@@ -509,7 +585,7 @@ class ReleaseStacks:
     def __init__(self, w: dict):
         self.w = w
         self.project = f"benchrel{uuid.uuid4().hex[:6]}"
-        self.nonce = uuid.uuid4().hex[:6]      # in every version string: no build cache from elsewhere
+        self.nonce = uuid.uuid4().hex[:6]  # in every version string: no build cache from elsewhere
         self.remote = Path(w["remote_root"]) / self.project
         self.tmp = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
         self.hand_images: set[str] = set()
@@ -518,21 +594,37 @@ class ReleaseStacks:
         for name in ("rb", "chg", "hand"):
             web = next(ports)
             self.copies[name] = AppCopy(self.tmp / name, web)
-            self.variables[name] = {**w["images"], "WEB_PORT": web, "DB_PORT": next(ports),
-                                    "POSTGRES_PASSWORD": f"bench-{uuid.uuid4().hex[:12]}"}
-        envs = {name: {"compose_file": str(self.copies[name].compose), "root": str(self.copies[name].root),
-                       "hosts": [REL_HOST], "variables": self.variables[name]} for name in ("rb", "chg")}
-        inv = {"project": self.project,
-               "defaults": {"ssh_config": w["ssh_config"], "known_hosts": w["known_hosts"],
-                            "remote_dir": str(self.remote), "command_timeout": 600},
-               "environments": envs}
+            self.variables[name] = {
+                **w["images"],
+                "WEB_PORT": web,
+                "DB_PORT": next(ports),
+                "POSTGRES_PASSWORD": f"bench-{uuid.uuid4().hex[:12]}",
+            }
+        envs = {
+            name: {
+                "compose_file": str(self.copies[name].compose),
+                "root": str(self.copies[name].root),
+                "hosts": [REL_HOST],
+                "variables": self.variables[name],
+            }
+            for name in ("rb", "chg")
+        }
+        inv = {
+            "project": self.project,
+            "defaults": {
+                "ssh_config": w["ssh_config"],
+                "known_hosts": w["known_hosts"],
+                "remote_dir": str(self.remote),
+                "command_timeout": 600,
+            },
+            "environments": envs,
+        }
         self.hosts = self.tmp / "hosts.yaml"
         self.hosts.write_text(json.dumps(inv, indent=2))
         # The hand-made deployment: its own directory on the host and compose project, and
         # the same variables as a .env beside its compose file (rsync'ed with the code).
         hand = self.copies["hand"]
-        (hand.compose.parent / ".env").write_text(
-            "".join(f"{k}={v}\n" for k, v in self.variables["hand"].items()))
+        (hand.compose.parent / ".env").write_text("".join(f"{k}={v}\n" for k, v in self.variables["hand"].items()))
         self.hand_dir = f"{self.remote}/hand"
         self.hand_project = f"{self.project}-hand"
 
@@ -544,21 +636,40 @@ class ReleaseStacks:
 
     def hand_compose(self, *args: str) -> str:
         compose = f"{self.hand_dir}/deployment/compose"
-        return shlex.join(["docker", "compose", "--ansi", "never", "-p", self.hand_project,
-                           "-f", f"{compose}/docker-compose.dev.yml", "--env-file", f"{compose}/.env", *args])
+        return shlex.join(
+            [
+                "docker",
+                "compose",
+                "--ansi",
+                "never",
+                "-p",
+                self.hand_project,
+                "-f",
+                f"{compose}/docker-compose.dev.yml",
+                "--env-file",
+                f"{compose}/.env",
+                *args,
+            ]
+        )
 
     def images(self, env: str) -> dict[str, str]:
         """repository:tag -> image id of the env's images on the engine."""
-        out = docker("images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}",
-                     "--filter", f"reference={self.project}-{env}-*")
+        out = docker(
+            "images",
+            "--no-trunc",
+            "--format",
+            "{{.Repository}}:{{.Tag}} {{.ID}}",
+            "--filter",
+            f"reference={self.project}-{env}-*",
+        )
         return dict(line.split() for line in out.splitlines() if line.strip())
 
     def cleanup(self) -> None:
         for env in ("rb", "chg", "hand"):
-            docker("compose", "-p", f"{self.project}-{env}", "down", "--volumes", "--remove-orphans",
-                   "--timeout", "2")
-        tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter",
-                      f"reference={self.project}-*").split()
+            docker("compose", "-p", f"{self.project}-{env}", "down", "--volumes", "--remove-orphans", "--timeout", "2")
+        tags = docker(
+            "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={self.project}-*"
+        ).split()
         if tags:
             docker("rmi", *sorted(set(tags)))
         # The hand builds retag <project>-hand-*:latest, leaving the earlier ones untagged;
@@ -566,8 +677,9 @@ class ReleaseStacks:
         left = [i for i in self.hand_images if docker("image", "inspect", "-f", "{{.Id}}", i).strip()]
         if left:
             docker("rmi", *left)
-        subprocess.run(self.ssh(f"rm -rf {shlex.quote(str(self.remote))}"), capture_output=True,
-                       stdin=subprocess.DEVNULL)
+        subprocess.run(
+            self.ssh(f"rm -rf {shlex.quote(str(self.remote))}"), capture_output=True, stdin=subprocess.DEVNULL
+        )
         shutil.rmtree(self.remote, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -576,8 +688,13 @@ def up_or_die(stacks: ReleaseStacks, env: str) -> str:
     res = sh(stacks.deploy(env, "up", "-d"), check=False, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise SystemExit(f"bench: deploy {env} up -d failed:\n{res.stdout}\n{res.stderr}")
-    return next(w for line in res.stdout.splitlines() if "up and healthy" in line for w in line.split()
-                if len(w) == 16 and all(c in "0123456789abcdef" for c in w))
+    return next(
+        w
+        for line in res.stdout.splitlines()
+        if "up and healthy" in line
+        for w in line.split()
+        if len(w) == 16 and all(c in "0123456789abcdef" for c in w)
+    )
 
 
 def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
@@ -608,24 +725,51 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
         state["current"] = target
         text = "\n".join(line for _, line in lines)
         m = compose_marks(lines)
-        marks.append({"before_compose_up": m["up"], "compose_up_wait": m["after_up"] - m["up"],
-                      "after_compose_up": dt - m["after_up"], "to": target})
+        marks.append(
+            {
+                "before_compose_up": m["up"],
+                "compose_up_wait": m["after_up"] - m["up"],
+                "after_compose_up": dt - m["after_up"],
+                "to": target,
+            }
+        )
         check("nothing is uploaded or built" in text, "rollback did not say 'nothing is uploaded or built'")
         check("uploaded" not in text.replace("nothing is uploaded", ""), "rollback output mentions an upload")
-        check(not re.search(r"building|Building|^\$ docker compose .* build --", text, re.M),
-              "rollback output shows a build")
+        check(
+            not re.search(r"building|Building|^\$ docker compose .* build --", text, re.M),
+            "rollback output shows a build",
+        )
         check(stacks.images("rb") == images_before, "the image tags or ids changed")
-        check(sorted(p.name for p in (env_dir / "releases").iterdir()) == releases_before,
-              "the host's releases changed (something was installed)")
+        check(
+            sorted(p.name for p in (env_dir / "releases").iterdir()) == releases_before,
+            "the host's releases changed (something was installed)",
+        )
         check(os.readlink(env_dir / "current") == f"releases/{target}", "current is not the target release")
         check(copy.served() == versions[target], "web does not serve the target release")
         return dt
 
     def compose_switch(release: str) -> float:
         base = f"{env_dir}/releases/{release}"
-        command = shlex.join(["docker", "compose", "--ansi", "never", "-p", f"{stacks.project}-rb",
-                              "-f", f"{base}/{layout['compose']}", "-f", f"{base}/{layout['override']}",
-                              "--env-file", f"{base}/{layout['env']}", "up", "-d", "--wait", "--no-build"])
+        command = shlex.join(
+            [
+                "docker",
+                "compose",
+                "--ansi",
+                "never",
+                "-p",
+                f"{stacks.project}-rb",
+                "-f",
+                f"{base}/{layout['compose']}",
+                "-f",
+                f"{base}/{layout['override']}",
+                "--env-file",
+                f"{base}/{layout['env']}",
+                "up",
+                "-d",
+                "--wait",
+                "--no-build",
+            ]
+        )
         dt = timed(stacks.ssh(command))
         check(copy.served() == versions[release], "plain compose: web does not serve the release switched to")
         return dt
@@ -642,31 +786,51 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
     there, back = r.pop("ssh compose up -d --wait (to other)"), r.pop("ssh compose up -d --wait (back)")
     both = there["runs"] + back["runs"]
     health = "ssh HOST compose up -d --wait (switch release)"
-    r[health] = {"median": statistics.median(both), "min": min(both), "max": max(both), "runs": both,
-                 "to_other_median": there["median"], "back_median": back["median"],
-                 # Where the healthchecks' 2 s intervals fall differs between the two; so both.
-                 "extra": f"{len(both)} switches: to the other release {there['median']:.2f} s, "
-                          f"back {back['median']:.2f} s"}
+    r[health] = {
+        "median": statistics.median(both),
+        "min": min(both),
+        "max": max(both),
+        "runs": both,
+        "to_other_median": there["median"],
+        "back_median": back["median"],
+        # Where the healthchecks' 2 s intervals fall differs between the two; so both.
+        "extra": f"{len(both)} switches: to the other release {there['median']:.2f} s, back {back['median']:.2f} s",
+    }
     rb, status, wait = (r[k]["median"] for k in ("deploy.py rollback", "deploy.py status", health))
     budget = 2 * status + wait
     phase = {k: statistics.median(m[k] for m in marks[1:]) for k in marks[0] if k != "to"}
     r["deploy.py rollback"].update(phases_s=phase, per_run=marks[1:])
-    r["deploy.py rollback"]["extra"] = (f"before compose up {phase['before_compose_up']:.2f} s, its compose up "
-                                        f"--wait {phase['compose_up_wait']:.2f} s, after {phase['after_compose_up']:.2f} s")
+    r["deploy.py rollback"]["extra"] = (
+        f"before compose up {phase['before_compose_up']:.2f} s, its compose up "
+        f"--wait {phase['compose_up_wait']:.2f} s, after {phase['after_compose_up']:.2f} s"
+    )
     table("7. rollback to the previous release until healthy (median wall time)", r, health)
-    print(f"  target: rollback <= 2 x status + the services' own health wait = {budget:.3f} s; "
-          f"rollback / that = x{rb / budget:.2f}: {'met' if rb <= budget else 'NOT met'}")
+    print(
+        f"  target: rollback <= 2 x status + the services' own health wait = {budget:.3f} s; "
+        f"rollback / that = x{rb / budget:.2f}: {'met' if rb <= budget else 'NOT met'}"
+    )
     print(f"  tool's own time (rollback - plain compose's switch): {rb - wait:+.3f} s; 2 x status {2 * status:.3f} s")
-    print(f"  nothing uploaded or built (output, image ids, the host's releases, what web serves): "
-          + ("verified on every run" if not problems else "NO: " + "; ".join(problems)))
-    return {"cases": r, "budget_s": budget, "ratio_to_budget": rb / budget, "target_met": rb <= budget,
-            "nothing_uploaded_or_built": not problems, "problems": problems, "releases": versions}
+    print(
+        "  nothing uploaded or built (output, image ids, the host's releases, what web serves): "
+        + ("verified on every run" if not problems else "NO: " + "; ".join(problems))
+    )
+    return {
+        "cases": r,
+        "budget_s": budget,
+        "ratio_to_budget": rb / budget,
+        "target_met": rb <= budget,
+        "nothing_uploaded_or_built": not problems,
+        "problems": problems,
+        "releases": versions,
+    }
 
 
 def tarball_bytes(hosts: Path, env: str) -> int:
     """The size of the release tarball the tool uploads for what the work tree holds now."""
     sys.path.insert(0, str(REPO))
-    from deployment import inventory as inv_mod, release as rel_mod
+    from deployment import inventory as inv_mod
+    from deployment import release as rel_mod
+
     release = rel_mod.build(inv_mod.load(hosts).environment(env))
     buf = io.BytesIO()
     release.write_tarball(buf)
@@ -678,8 +842,17 @@ def bench_change(stacks: ReleaseStacks, runs: int) -> dict:
     tool, hand = stacks.copies["chg"], stacks.copies["hand"]
     n = {"tool": 0, "hand": 0}
     tool_runs, hand_runs = [], []
-    rsync = ["rsync", "-a", "--delete", "--stats", "-e", f"ssh -F {stacks.w['ssh_config']}",
-             f"{hand.root}/app", f"{hand.root}/deployment", f"{REL_HOST}:{stacks.hand_dir}/"]
+    rsync = [
+        "rsync",
+        "-a",
+        "--delete",
+        "--stats",
+        "-e",
+        f"ssh -F {stacks.w['ssh_config']}",
+        f"{hand.root}/app",
+        f"{hand.root}/deployment",
+        f"{REL_HOST}:{stacks.hand_dir}/",
+    ]
     hand_up = stacks.hand_compose("up", "-d", "--build", "--wait")
     # Both stacks up once (untimed): a change is measured against a running stack.
     tool.version(f"tool-{stacks.nonce}-0")
@@ -702,12 +875,19 @@ def bench_change(stacks: ReleaseStacks, runs: int) -> dict:
         if tool.served() != v:
             problems.append(f"after up -d of {v} web serves {tool.served()}")
         m = compose_marks(lines)
-        tool_runs.append({"wall_s": dt, "tarball_bytes": size, "phases_s": {
-            "start, inventory, release id, connect": m["first"],
-            "check + tar + upload + install": m["build"] - m["first"],
-            "compose build": m["up"] - m["build"],
-            "compose up --wait (health)": m["after_up"] - m["up"],
-            "record, retention, exit": dt - m["after_up"]}})
+        tool_runs.append(
+            {
+                "wall_s": dt,
+                "tarball_bytes": size,
+                "phases_s": {
+                    "start, inventory, release id, connect": m["first"],
+                    "check + tar + upload + install": m["build"] - m["first"],
+                    "compose build": m["up"] - m["build"],
+                    "compose up --wait (health)": m["after_up"] - m["up"],
+                    "record, retention, exit": dt - m["after_up"],
+                },
+            }
+        )
         return dt
 
     def hand_change() -> float:
@@ -726,14 +906,22 @@ def bench_change(stacks: ReleaseStacks, runs: int) -> dict:
         sent = re.search(r"Total bytes sent: ([\d,.]+)", res.stdout)
         if hand.served() != v:
             problems.append(f"after the hand script of {v} web serves {hand.served()}")
-        hand_runs.append({"wall_s": t2 - t0, "rsync_s": t1 - t0, "compose_s": t2 - t1,
-                          "rsync_bytes_sent": int(re.sub(r"[,.]", "", sent.group(1))) if sent else None})
+        hand_runs.append(
+            {
+                "wall_s": t2 - t0,
+                "rsync_s": t1 - t0,
+                "compose_s": t2 - t1,
+                "rsync_bytes_sent": int(re.sub(r"[,.]", "", sent.group(1))) if sent else None,
+            }
+        )
         return t2 - t0
 
-    cases = {"deploy.py up -d (one-line change)": tool_change,
-             "rsync -a + ssh compose up -d --build --wait": hand_change}
+    cases = {
+        "deploy.py up -d (one-line change)": tool_change,
+        "rsync -a + ssh compose up -d --build --wait": hand_change,
+    }
     r = compare(cases, runs)
-    tool_runs, hand_runs = tool_runs[1:], hand_runs[1:]      # [0] is the warm-up
+    tool_runs, hand_runs = tool_runs[1:], hand_runs[1:]  # [0] is the warm-up
     med = statistics.median
     phases = {k: med(run["phases_s"][k] for run in tool_runs) for k in tool_runs[0]["phases_s"]}
     tar = med(run["tarball_bytes"] for run in tool_runs)
@@ -741,17 +929,26 @@ def bench_change(stacks: ReleaseStacks, runs: int) -> dict:
     t = r["deploy.py up -d (one-line change)"]
     h = r["rsync -a + ssh compose up -d --build --wait"]
     t.update(phases_s=phases, tarball_bytes=tar, per_run=tool_runs)
-    h.update(rsync_s=med(x["rsync_s"] for x in hand_runs), compose_s=med(x["compose_s"] for x in hand_runs),
-             rsync_bytes_sent=sent, per_run=hand_runs)
+    h.update(
+        rsync_s=med(x["rsync_s"] for x in hand_runs),
+        compose_s=med(x["compose_s"] for x in hand_runs),
+        rsync_bytes_sent=sent,
+        per_run=hand_runs,
+    )
     t["extra"] = f"uploads {tar / 1024:.1f} KiB a change"
     h["extra"] = f"rsync {h['rsync_s']:.2f} s, {sent} bytes sent; compose {h['compose_s']:.2f} s"
-    table("8. up -d of a one-line change of web, until healthy (median wall time)", r,
-          "rsync -a + ssh compose up -d --build --wait")
+    table(
+        "8. up -d of a one-line change of web, until healthy (median wall time)",
+        r,
+        "rsync -a + ssh compose up -d --build --wait",
+    )
     print("  where the tool's time goes (median of its runs, from -v timestamps):")
     for k, v in phases.items():
         print(f"    {k:<40} {v:6.3f} s  {100 * v / t['median']:3.0f}%")
-    print(f"  bytes per change: the tool's release tarball {tar:.0f} B vs rsync's {sent:.0f} B sent "
-          f"(x{tar / max(sent, 1):.1f})")
+    print(
+        f"  bytes per change: the tool's release tarball {tar:.0f} B vs rsync's {sent:.0f} B sent "
+        f"(x{tar / max(sent, 1):.1f})"
+    )
     if problems:
         print("  PROBLEMS: " + "; ".join(problems))
     return {"cases": r, "problems": problems}
@@ -799,14 +996,22 @@ def main() -> int:
                 raise SystemExit(f"bench: deploy b1 {' '.join(argv)} failed:\n{res.stdout}\n{res.stderr}")
     if "change" in want:
         ensure_rsync()
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "kernel": platform.release(),
-                           "openssh": sh(["ssh", "-V"], check=False).stderr.strip()},
-               "runs": args.runs, "loadavg_start": os.getloadavg()}
-    print(f"bench: {results['date']}, {os.cpu_count()} CPUs, {results['machine']['openssh']}, "
-          f"median of {args.runs} interleaved runs after a warm-up; load average "
-          + " ".join(f"{x:.2f}" for x in results["loadavg_start"]))
+    results = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "openssh": sh(["ssh", "-V"], check=False).stderr.strip(),
+        },
+        "runs": args.runs,
+        "loadavg_start": os.getloadavg(),
+    }
+    print(
+        f"bench: {results['date']}, {os.cpu_count()} CPUs, {results['machine']['openssh']}, "
+        f"median of {args.runs} interleaved runs after a warm-up; load average "
+        + " ".join(f"{x:.2f}" for x in results["loadavg_start"])
+    )
     if "latency" in want:
         results["latency"] = bench_latency(w, hosts, bindir, args.runs)
     if "fanout" in want:
@@ -832,12 +1037,16 @@ def main() -> int:
         finally:
             stacks.cleanup()
     results["loadavg_end"] = os.getloadavg()
-    print("\nbench: load average at the end " + " ".join(f"{x:.2f}" for x in results["loadavg_end"])
-          + " (other work on this machine shares its cores)")
-    out = RESULTS / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    print(
+        "\nbench: load average at the end "
+        + " ".join(f"{x:.2f}" for x in results["loadavg_end"])
+        + " (other work on this machine shares its cores)"
+    )
+    out = RESULTS / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nbench: results in {out}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """One transfer through the tool's own code, as a whole process (for peak RSS):
 
-    transfer_probe.py pull HOSTS REMOTE LOCAL SIZE SHA256   the backup pull phase
-    transfer_probe.py push HOSTS LOCAL REMOTE               the restore upload
-    transfer_probe.py fabric-get|fabric-put HOSTS SRC DST   plain Fabric, for comparison
+transfer_probe.py pull HOSTS REMOTE LOCAL SIZE SHA256   the backup pull phase
+transfer_probe.py push HOSTS LOCAL REMOTE               the restore upload
+transfer_probe.py fabric-get|fabric-put HOSTS SRC DST   plain Fabric, for comparison
 """
+
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deployment import backup as bk  # noqa: E402
-from deployment import inventory  # noqa: E402
-from deployment.session import sessions  # noqa: E402
+from deployment import backup as bk
+from deployment import inventory
+from deployment.session import sessions
 
 
 def main(argv):

@@ -12,6 +12,7 @@ Guarantees, as trusted backup tools give them:
 - a restore checks the checksum and reads the whole file with pg_restore before the
   database is touched, then restores in one transaction.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -23,7 +24,7 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -45,34 +46,43 @@ _FIND_DB = (
     'if [ -z "$c" ]; then echo "the $3 service of $2 is not running" >&2; exit 3; fi; '
 )
 
+
 # A step that changes or reads the database records its shell's pid under a step id
 # (hex, $STEP), so that an interrupted client can stop it on the host (STOP_SCRIPT)
 # instead of leaving it running. Its database sessions carry the application name
 # "deploy-<step id>", so that the stop can end them too (which rolls their transaction back).
 def _step_pid(position: int) -> str:
-    return (f'case ${position} in ""|*[!0-9a-f]*) echo "bad step id" >&2; exit 2 ;; esac; '
-            f'mkdir -p "$d/.steps"; step="$d/.steps/${position}.pid"; echo $$ > "$step"; ')
+    return (
+        f'case ${position} in ""|*[!0-9a-f]*) echo "bad step id" >&2; exit 2 ;; esac; '
+        f'mkdir -p "$d/.steps"; step="$d/.steps/${position}.pid"; echo $$ > "$step"; '
+    )
 
 
-DUMP_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; mkdir -p "$d/backups"; ' + _FIND_DB + _step_pid(5) + (
-    'tmp="/tmp/deploy-backup.$$.dump"; part="$d/backups/.$4.part"; '
-    'cleanup() { rm -f "$part" "$step"; docker exec "$c" rm -f "$tmp" >/dev/null 2>&1 || true; }; '
-    'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
-    # pg_dump writes a file: its exit status is its own, no pipe in between.
-    'docker exec -e PGAPPNAME="deploy-$5" "$c" sh -c \'umask 077; exec pg_dump --format=custom '
-    '--username="$POSTGRES_USER" --dbname="${POSTGRES_DB:-$POSTGRES_USER}" --file="$1"\' sh "$tmp"; '
-    # A full read catches truncation and corruption that `pg_restore --list` misses.
-    'docker exec "$c" pg_restore --file=/dev/null "$tmp"; '
-    'inner=$(docker exec "$c" sha256sum "$tmp"); inner=${inner%% *}; '
-    'docker cp "$c:$tmp" "$part"; '
-    'sha=$(sha256sum "$part"); sha=${sha%% *}; '
-    'if [ "$sha" != "$inner" ]; then echo "copying the dump out of the container changed it" >&2; exit 4; fi; '
-    'size=$(stat -c %s "$part"); '
-    'db=$(docker exec "$c" sh -c \'echo "${POSTGRES_DB:-$POSTGRES_USER}"\'); '
-    'ver=$(docker exec "$c" sh -c \'postgres -V 2>/dev/null || pg_dump -V\' | head -n 1); '
-    # ln, not mv: a backup of the same name (another machine, the same second) is never replaced.
-    'ln "$part" "$d/backups/$4"; rm -f "$part"; trap - EXIT; rm -f "$step"; docker exec "$c" rm -f "$tmp"; '
-    'echo "path=$d/backups/$4"; echo "sha256=$sha"; echo "size=$size"; echo "database=$db"; echo "version=$ver"'
+DUMP_SCRIPT = (
+    EXPAND_DIR
+    + 'set -eu; umask 077; mkdir -p "$d/backups"; '
+    + _FIND_DB
+    + _step_pid(5)
+    + (
+        'tmp="/tmp/deploy-backup.$$.dump"; part="$d/backups/.$4.part"; '
+        'cleanup() { rm -f "$part" "$step"; docker exec "$c" rm -f "$tmp" >/dev/null 2>&1 || true; }; '
+        'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
+        # pg_dump writes a file: its exit status is its own, no pipe in between.
+        'docker exec -e PGAPPNAME="deploy-$5" "$c" sh -c \'umask 077; exec pg_dump --format=custom '
+        '--username="$POSTGRES_USER" --dbname="${POSTGRES_DB:-$POSTGRES_USER}" --file="$1"\' sh "$tmp"; '
+        # A full read catches truncation and corruption that `pg_restore --list` misses.
+        'docker exec "$c" pg_restore --file=/dev/null "$tmp"; '
+        'inner=$(docker exec "$c" sha256sum "$tmp"); inner=${inner%% *}; '
+        'docker cp "$c:$tmp" "$part"; '
+        'sha=$(sha256sum "$part"); sha=${sha%% *}; '
+        'if [ "$sha" != "$inner" ]; then echo "copying the dump out of the container changed it" >&2; exit 4; fi; '
+        'size=$(stat -c %s "$part"); '
+        'db=$(docker exec "$c" sh -c \'echo "${POSTGRES_DB:-$POSTGRES_USER}"\'); '
+        "ver=$(docker exec \"$c\" sh -c 'postgres -V 2>/dev/null || pg_dump -V' | head -n 1); "
+        # ln, not mv: a backup of the same name (another machine, the same second) is never replaced.
+        'ln "$part" "$d/backups/$4"; rm -f "$part"; trap - EXIT; rm -f "$step"; docker exec "$c" rm -f "$tmp"; '
+        'echo "path=$d/backups/$4"; echo "sha256=$sha"; echo "size=$size"; echo "database=$db"; echo "version=$ver"'
+    )
 )
 
 # Retention ($2 = how many to keep): this environment's backups ($3 = the name prefix),
@@ -86,10 +96,10 @@ PRUNE_SCRIPT = EXPAND_DIR + (
     'if [ ${#2} -gt 5 ] || [ "$2" -gt 10000 ]; then echo "keep must be from 1 to 10000, not $2" >&2; exit 2; fi; '
     'cd "$d/backups" 2>/dev/null || exit 0; '
     'for f in "$3"*' + SUFFIX + '; do [ -f "$f" ] && printf "%s\\n" "$f"; done | '
-    "awk -v p=\"$3\" '{ k = substr($0, length(p) + 1); sub(/\\" + SUFFIX + "$/, \"\", k); "
-    "if (k !~ /^[0-9]+T[0-9]+Z(-[0-9]+)?$/) next; n = 1; i = index(k, \"Z-\"); "
-    "if (i) { n = substr(k, i + 2); k = substr(k, 1, i) } printf \"%s %09d %s\\n\", k, n, $0 }' | "
-    'sort -r | tail -n +$(( $2 + 1 )) | while read -r _ _ f; do '
+    'awk -v p="$3" \'{ k = substr($0, length(p) + 1); sub(/\\' + SUFFIX + '$/, "", k); '
+    'if (k !~ /^[0-9]+T[0-9]+Z(-[0-9]+)?$/) next; n = 1; i = index(k, "Z-"); '
+    'if (i) { n = substr(k, i + 2); k = substr(k, 1, i) } printf "%s %09d %s\\n", k, n, $0 }\' | '
+    "sort -r | tail -n +$(( $2 + 1 )) | while read -r _ _ f; do "
     '  [ "$f" = "${4:-}" ] && continue; rm -f -- "$f"; echo "$f"; done'
 )
 
@@ -104,38 +114,45 @@ PRUNE_SCRIPT = EXPAND_DIR + (
 # (pg_restore's own --single-transaction as well: pg_restore documents that without it a
 # script may carry transaction control of its own (large objects); with it, its leading
 # BEGIN only warns inside ours and its COMMIT comes at the very end.)
-RESTORE_SCRIPT = EXPAND_DIR + 'set -eu; umask 077; ' + (
-    # The uploaded file goes on any exit, also when the db is not running.
-    'f=$5; c=""; step=""; tmp="/tmp/deploy-restore.$$.dump"; stopped=""; names=""; '
-    'cleanup() { rm -f "$f"; [ -z "$step" ] || rm -f "$step"; '
-    '  [ -z "$c" ] || docker exec "$c" rm -f "$tmp" "$tmp.failed" >/dev/null 2>&1 || true; '
-    '  if [ -n "$stopped" ]; then '
-    '    if docker start $stopped >/dev/null; then echo "started again: $names" >&2; '
-    '    else echo "could not start again: $names" >&2; fi; fi; }; '
-    'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
-) + _FIND_DB + _step_pid(7) + (
-    'sha=$(sha256sum "$f"); sha=${sha%% *}; '
-    'if [ "$sha" != "$4" ]; then echo "the uploaded file does not match its checksum" >&2; exit 4; fi; '
-    'docker cp "$f" "$c:$tmp"; '
-    # docker cp keeps the uploader's uid and the 0600 mode; the database user must read it.
-    'docker exec -u 0 "$c" chmod 0644 "$tmp"; '
-    'if ! docker exec "$c" pg_restore --file=/dev/null "$tmp"; then '
-    '  echo "the backup cannot be read in full by pg_restore; the database was not touched" >&2; exit 5; fi; '
-    'ids=$(docker ps -q --filter "label=com.docker.compose.project=$2" --filter status=running); '
-    'for i in $ids; do [ "$i" = "$c" ] || stopped="$stopped $i"; done; '
-    'if [ -n "$stopped" ]; then '
-    '  names=$(docker inspect -f "{{index .Config.Labels \\"com.docker.compose.service\\"}}" $stopped | tr "\\n" " "); '
-    '  echo "stopping the services that use the database: $names" >&2; docker stop $stopped >/dev/null; fi; '
-    'echo "verified; restoring in one transaction" >&2; '
-    'docker exec -e PGAPPNAME="deploy-$7" "$c" sh -c \''
-    '{ printf "%s\\n" "$2"; if pg_restore --single-transaction --no-owner --file=- "$1"; then printf "%s\\n" "$3"; '
-    'else : > "$1.failed"; fi; } | psql -X -q -v ON_ERROR_STOP=1 -o /dev/null --username="$POSTGRES_USER" '
-    '--dbname="${POSTGRES_DB:-$POSTGRES_USER}"; rc=$?; '
-    'if [ -e "$1.failed" ]; then echo "pg_restore failed; nothing was committed" >&2; exit 6; fi; exit $rc\' '
-    'sh "$tmp" "$8" "$9"; '
-    # What is there now: every table with its row count ($6 is the query).
-    'docker exec "$c" sh -c \'exec psql -X -A -t -F " " --username="$POSTGRES_USER" '
-    '--dbname="${POSTGRES_DB:-$POSTGRES_USER}" -c "$1"\' sh "$6"'
+RESTORE_SCRIPT = (
+    EXPAND_DIR
+    + "set -eu; umask 077; "
+    + (
+        # The uploaded file goes on any exit, also when the db is not running.
+        'f=$5; c=""; step=""; tmp="/tmp/deploy-restore.$$.dump"; stopped=""; names=""; '
+        'cleanup() { rm -f "$f"; [ -z "$step" ] || rm -f "$step"; '
+        '  [ -z "$c" ] || docker exec "$c" rm -f "$tmp" "$tmp.failed" >/dev/null 2>&1 || true; '
+        '  if [ -n "$stopped" ]; then '
+        '    if docker start $stopped >/dev/null; then echo "started again: $names" >&2; '
+        '    else echo "could not start again: $names" >&2; fi; fi; }; '
+        'trap cleanup EXIT; trap "exit 130" INT TERM HUP; '
+    )
+    + _FIND_DB
+    + _step_pid(7)
+    + (
+        'sha=$(sha256sum "$f"); sha=${sha%% *}; '
+        'if [ "$sha" != "$4" ]; then echo "the uploaded file does not match its checksum" >&2; exit 4; fi; '
+        'docker cp "$f" "$c:$tmp"; '
+        # docker cp keeps the uploader's uid and the 0600 mode; the database user must read it.
+        'docker exec -u 0 "$c" chmod 0644 "$tmp"; '
+        'if ! docker exec "$c" pg_restore --file=/dev/null "$tmp"; then '
+        '  echo "the backup cannot be read in full by pg_restore; the database was not touched" >&2; exit 5; fi; '
+        'ids=$(docker ps -q --filter "label=com.docker.compose.project=$2" --filter status=running); '
+        'for i in $ids; do [ "$i" = "$c" ] || stopped="$stopped $i"; done; '
+        'if [ -n "$stopped" ]; then '
+        '  names=$(docker inspect -f "{{index .Config.Labels \\"com.docker.compose.service\\"}}" $stopped | tr "\\n" " "); '
+        '  echo "stopping the services that use the database: $names" >&2; docker stop $stopped >/dev/null; fi; '
+        'echo "verified; restoring in one transaction" >&2; '
+        'docker exec -e PGAPPNAME="deploy-$7" "$c" sh -c \''
+        '{ printf "%s\\n" "$2"; if pg_restore --single-transaction --no-owner --file=- "$1"; then printf "%s\\n" "$3"; '
+        'else : > "$1.failed"; fi; } | psql -X -q -v ON_ERROR_STOP=1 -o /dev/null --username="$POSTGRES_USER" '
+        '--dbname="${POSTGRES_DB:-$POSTGRES_USER}"; rc=$?; '
+        'if [ -e "$1.failed" ]; then echo "pg_restore failed; nothing was committed" >&2; exit 6; fi; exit $rc\' '
+        'sh "$tmp" "$8" "$9"; '
+        # What is there now: every table with its row count ($6 is the query).
+        'docker exec "$c" sh -c \'exec psql -X -A -t -F " " --username="$POSTGRES_USER" '
+        '--dbname="${POSTGRES_DB:-$POSTGRES_USER}" -c "$1"\' sh "$6"'
+    )
 )
 
 COMMITTED = "deploy-restore-committed"
@@ -202,9 +219,11 @@ def _checked_step(step: str) -> str:
 
 def stop_argv(env_dir: str, project: str, db_service: str, step: str, container: str = "") -> list[str]:
     """Stop step `step` on the host: its shell, its one-off container, its database sessions."""
-    sql = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-           f"WHERE pid <> pg_backend_pid() AND (application_name = 'deploy-{_checked_step(step)}' "
-           "OR host(client_addr) = ANY(string_to_array(current_setting('deploy.ips', true), ',')))")
+    sql = (
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        f"WHERE pid <> pg_backend_pid() AND (application_name = 'deploy-{_checked_step(step)}' "
+        "OR host(client_addr) = ANY(string_to_array(current_setting('deploy.ips', true), ',')))"
+    )
     return ["sh", "-c", STOP_SCRIPT, "deploy-stop", env_dir, project, db_service, step, container, sql]
 
 
@@ -229,16 +248,29 @@ def prune_argv(env_dir: str, keep: int, prefix: str, newest: str = "") -> list[s
     return ["sh", "-c", PRUNE_SCRIPT, "deploy-prune", env_dir, str(limits.KEEP.check(keep)), prefix, newest]
 
 
-def restore_argv(env_dir: str, project: str, db_service: str, sha256: str, remote_file: str,
-                 step: str) -> list[str]:
-    return ["sh", "-c", RESTORE_SCRIPT, "deploy-restore", env_dir, project, db_service, sha256, remote_file,
-            COUNT_ROWS_SQL, _checked_step(step), RESET_SQL, COMMIT_SQL]
+def restore_argv(env_dir: str, project: str, db_service: str, sha256: str, remote_file: str, step: str) -> list[str]:
+    return [
+        "sh",
+        "-c",
+        RESTORE_SCRIPT,
+        "deploy-restore",
+        env_dir,
+        project,
+        db_service,
+        sha256,
+        remote_file,
+        COUNT_ROWS_SQL,
+        _checked_step(step),
+        RESET_SQL,
+        COMMIT_SQL,
+    ]
 
 
 # --- local side ---------------------------------------------------------------------------
 
+
 def utc_stamp(now: datetime | None = None) -> str:
-    return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
 
 
 def backup_prefix(env: Environment) -> str:
@@ -261,7 +293,7 @@ class Reporter:
         if self.tty:
             self.out.write(f"{msg}\n")
         else:
-            self.out.write(f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} {msg}\n")
+            self.out.write(f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} {msg}\n")
         self.out.flush()
 
     def progress(self, done: int, total: int, started: float, final: bool = False) -> None:
@@ -274,8 +306,10 @@ class Reporter:
         if self.tty:
             width = 30
             filled = int(width * pct / 100)
-            self.out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}%  "
-                           f"{human(done)} / {human(total)}  {human(rate)}/s ")
+            self.out.write(
+                f"\r  [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}%  "
+                f"{human(done)} / {human(total)}  {human(rate)}/s "
+            )
             if final:
                 self.out.write("\n")
             self.out.flush()
@@ -308,14 +342,18 @@ class EnvLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise DeployError(f"cannot open the lock file {self.path}: {exc.strerror}"
-                              + (" (it is a symlink; remove it)" if os.path.islink(self.path) else "")) from None
+            raise DeployError(
+                f"cannot open the lock file {self.path}: {exc.strerror}"
+                + (" (it is a symlink; remove it)" if os.path.islink(self.path) else "")
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LockedError(f"another backup or restore of this environment is running (lock {self.path})",
-                              hint="try again later; exit code 75 means exactly that") from None
+            raise LockedError(
+                f"another backup or restore of this environment is running (lock {self.path})",
+                hint="try again later; exit code 75 means exactly that",
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -361,12 +399,12 @@ class _HashingWriter:
         if len(chunk) >= self.BATCH:
             self._write(chunk)
         else:
-            self.view[self.used:self.used + len(chunk)] = chunk
+            self.view[self.used : self.used + len(chunk)] = chunk
             self.used += len(chunk)
 
     def flush(self) -> None:
         if self.used:
-            self._write(self.view[:self.used])
+            self._write(self.view[: self.used])
             self.used = 0
 
     def _write(self, data) -> None:
@@ -374,7 +412,7 @@ class _HashingWriter:
         rest = memoryview(data)
         try:
             while rest:
-                rest = rest[os.write(self.fd, rest):]
+                rest = rest[os.write(self.fd, rest) :]
         except OSError as exc:  # not a lost connection: say what it is (a full disk, ...)
             raise DeployError(f"writing {self.name} failed: {exc.strerror or exc}") from None
         self.written += len(data)
@@ -384,7 +422,7 @@ class _HashingWriter:
                 # of the bastion's page cache out.
                 os.posix_fadvise(self.fd, self.flushed, self.written - self.flushed, os.POSIX_FADV_DONTNEED)
             except OSError:
-                pass    # a file system without it flushes everything at the fsync
+                pass  # a file system without it flushes everything at the fsync
             self.flushed = self.written
 
 
@@ -417,9 +455,11 @@ def pull(runner, remote_path: str, size: int, sha256: str, final: Path, report: 
         report.progress(received, size, started, final=True)
         got = out.digest.hexdigest()
         if received != size or got != sha256:
-            raise RemoteError(f"the pulled backup does not match the host's copy "
-                              f"({received} of {size} bytes, sha256 {got[:12]}… "
-                              f"instead of {sha256[:12]}…); nothing was kept")
+            raise RemoteError(
+                f"the pulled backup does not match the host's copy "
+                f"({received} of {size} bytes, sha256 {got[:12]}… "
+                f"instead of {sha256[:12]}…); nothing was kept"
+            )
         link_new(part, final)
     finally:
         part.unlink(missing_ok=True)
@@ -446,8 +486,10 @@ def _fsync_dir(path: Path) -> None:
 def write_manifest(dump: Path, manifest: dict) -> Path:
     """<name>.json (the manifest) and <name>.sha256 (for `sha256sum -c`), written atomically,
     0600 from the start, never through a symlink."""
-    for path, text in ((dump.with_suffix(".json"), json.dumps(manifest, indent=2) + "\n"),
-                       (dump.with_suffix(".sha256"), f"{manifest['sha256']}  {dump.name}\n")):
+    for path, text in (
+        (dump.with_suffix(".json"), json.dumps(manifest, indent=2) + "\n"),
+        (dump.with_suffix(".sha256"), f"{manifest['sha256']}  {dump.name}\n"),
+    ):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -496,15 +538,15 @@ def _read_sidecar(path: Path) -> bytes | None:
         return None
     except OSError as exc:
         why = "it is a symlink" if os.path.islink(path) else exc.strerror
-        raise DeployError(f"{path}: cannot read it ({why}); refusing to restore, "
-                          "the database was not touched") from None
+        raise DeployError(
+            f"{path}: cannot read it ({why}); refusing to restore, the database was not touched"
+        ) from None
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise DeployError(f"{path}: not a regular file; refusing to restore, the database was not touched")
         data = fh.read(MAX_SIDECAR + 1)
     if len(data) > MAX_SIDECAR:
-        raise DeployError(f"{path}: larger than a manifest can be; refusing to restore, "
-                          "the database was not touched")
+        raise DeployError(f"{path}: larger than a manifest can be; refusing to restore, the database was not touched")
     return data
 
 
@@ -512,10 +554,14 @@ def read_checksum(dump: Path) -> tuple[str | None, dict]:
     """The expected sha256 of a local backup, from its manifest or .sha256 file, and the
     manifest. A manifest or checksum file that is there but unusable is a refusal (exit 1),
     never "no checksum, go ahead"."""
+
     def refuse(path: Path, what: str) -> DeployError:
-        return DeployError(f"{path}: {what}; refusing to restore, the database was not touched",
-                           hint="restore with --file from a copy whose manifest is intact, "
-                                "or remove the broken manifest to rely on pg_restore's full read")
+        return DeployError(
+            f"{path}: {what}; refusing to restore, the database was not touched",
+            hint="restore with --file from a copy whose manifest is intact, "
+            "or remove the broken manifest to rely on pg_restore's full read",
+        )
+
     manifest_path = dump.with_suffix(".json")
     data = _read_sidecar(manifest_path)
     if data is not None:

@@ -3,19 +3,20 @@
 Parses, loads the inventory, and hands over to operations. `main(argv) -> int` maps
 every failure to an exit code in one place (errors.ExitStatus).
 """
+
 from __future__ import annotations
 
 import argparse
 import gc
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Callable
+from typing import IO
 
-from . import __version__, limits
+from . import __version__, limits, release_ops
 from . import inventory as inv
 from . import operations as ops
-from . import release_ops
 from .errors import DeployError, ExitStatus, UsageError, interruption, terminate_as_interrupt
 from .session import sessions
 
@@ -33,16 +34,21 @@ def _services(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _up_args(p):
-    p.add_argument("-d", "--detach", action="store_true",
-                   help="run in the background and return once every service is healthy")
+    p.add_argument(
+        "-d", "--detach", action="store_true", help="run in the background and return once every service is healthy"
+    )
     p.add_argument("--build", action="store_true", help="rebuild images before starting")
     _services(p, "services to start")
 
 
 def _down_args(p):
     p.add_argument("--volumes", action="store_true", help="also remove named volumes (DATA)")
-    p.add_argument("--yes", "-y", action="store_true",
-                   help="confirm without a prompt (protected environments ask for their name on a TTY)")
+    p.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="confirm without a prompt (protected environments ask for their name on a TTY)",
+    )
 
 
 def _logs_args(p):
@@ -54,39 +60,58 @@ def _logs_args(p):
 def _migrate_args(p):
     # For migrate, --dry-run asks the migration runner for its plan: it connects, but
     # applies nothing.
-    p.add_argument("--dry-run", "--plan", dest="plan", action="store_true",
-                   help="list the pending migrations without applying them")
-    p.add_argument("--no-backup", action="store_true",
-                   help="on a protected environment, skip the verified backup taken first")
+    p.add_argument(
+        "--dry-run",
+        "--plan",
+        dest="plan",
+        action="store_true",
+        help="list the pending migrations without applying them",
+    )
+    p.add_argument(
+        "--no-backup", action="store_true", help="on a protected environment, skip the verified backup taken first"
+    )
 
 
 def _backup_args(p):
-    p.add_argument("--keep", type=_count(limits.KEEP), metavar="N",
-                   help="keep the N newest backups, here and on the host, 1 to 10000 "
-                        "(default: backup.keep, 14); the new backup is always kept")
+    p.add_argument(
+        "--keep",
+        type=_count(limits.KEEP),
+        metavar="N",
+        help="keep the N newest backups, here and on the host, 1 to 10000 "
+        "(default: backup.keep, 14); the new backup is always kept",
+    )
 
 
 def _restore_args(p):
     p.add_argument("--file", metavar="PATH", help="a local backup file (default: the newest verified one)")
     p.add_argument("--yes", "-y", action="store_true", help="confirm without a prompt (protected environments)")
-    p.add_argument("--allow-other-env", action="store_true",
-                   help="allow a backup of another environment on a protected environment")
+    p.add_argument(
+        "--allow-other-env",
+        action="store_true",
+        help="allow a backup of another environment on a protected environment",
+    )
 
 
 def _count(limit: limits.Limit):
     """An argparse type for a count: the one parser and range of limits.py."""
+
     def parse(text: str):
         try:
             return limit.parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
     parse.__name__ = limit.what
     return parse
 
 
 def _rollback_args(p):
-    p.add_argument("release", nargs="?", metavar="RELEASE",
-                   help="a kept release's id or a unique start of it (default: the one deployed before current)")
+    p.add_argument(
+        "release",
+        nargs="?",
+        metavar="RELEASE",
+        help="a kept release's id or a unique start of it (default: the one deployed before current)",
+    )
     p.add_argument("--yes", "-y", action="store_true", help="confirm without a prompt (protected environments)")
 
 
@@ -94,36 +119,91 @@ def _test_args(p):
     p.add_argument("service", nargs="?", metavar="SERVICE", help="only this service's tests")
 
 
-COMMANDS: dict[str, Command] = {c.name: c for c in [
-    Command("up", "start the services (foreground until Ctrl+C; -d: detached, waits until healthy)",
-            _up_args, lambda a, hs, io: ops.up(hs, a.services, detach=a.detach, build=a.build)),
-    Command("down", "stop and remove the services and networks (--volumes: the data too)",
-            _down_args, lambda a, hs, io: ops.down(hs, volumes=a.volumes, yes=a.yes, stdin=io.stdin, out=io.stderr)),
-    Command("build", "build the images of all or the named services",
-            lambda p: _services(p, "services to build"), lambda a, hs, io: ops.build(hs, a.services)),
-    Command("logs", "show the services' logs (-f to follow)",
-            _logs_args, lambda a, hs, io: ops.logs(hs, a.services, follow=a.follow, tail=a.tail)),
-    Command("status", "each service's state, health and published ports, per host",
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in [
+        Command(
+            "up",
+            "start the services (foreground until Ctrl+C; -d: detached, waits until healthy)",
+            _up_args,
+            lambda a, hs, io: ops.up(hs, a.services, detach=a.detach, build=a.build),
+        ),
+        Command(
+            "down",
+            "stop and remove the services and networks (--volumes: the data too)",
+            _down_args,
+            lambda a, hs, io: ops.down(hs, volumes=a.volumes, yes=a.yes, stdin=io.stdin, out=io.stderr),
+        ),
+        Command(
+            "build",
+            "build the images of all or the named services",
+            lambda p: _services(p, "services to build"),
+            lambda a, hs, io: ops.build(hs, a.services),
+        ),
+        Command(
+            "logs",
+            "show the services' logs (-f to follow)",
+            _logs_args,
+            lambda a, hs, io: ops.logs(hs, a.services, follow=a.follow, tail=a.tail),
+        ),
+        Command(
+            "status",
+            "each service's state, health and published ports, per host",
             lambda p: p.add_argument("--json", action="store_true", help="one JSON document"),
-            lambda a, hs, io: ops.status(hs, as_json=a.json, out=io.stdout)),
-    Command("check", "connect to every host: host key, docker and compose versions, free disk",
-            lambda p: None, lambda a, hs, io: ops.check(hs, out=io.stdout)),
-    Command("migrate", "apply pending database migrations (migrate.py) on the db host",
-            _migrate_args, lambda a, hs, io: ops.migrate(hs, plan=a.plan, no_backup=a.no_backup)),
-    Command("test", "run the app's tests (run_tests.py) against the running environment",
-            _test_args, lambda a, hs, io: ops.run_tests(hs, a.service)),
-    Command("backup", "dump the database on the db host, verify it, pull it to backups/ENV/",
-            _backup_args, lambda a, hs, io: ops.backup(hs, keep=a.keep, out=io.stdout) and None),
-    Command("restore", "restore the newest verified backup (or --file) into the database",
-            _restore_args, lambda a, hs, io: ops.restore(hs, file=a.file, yes=a.yes, allow_other_env=a.allow_other_env,
-                                                        stdin=io.stdin, out=io.stdout, err=io.stderr)),
-    Command("releases", "the releases kept on each host, newest first: deployed when, by whom, which commit",
+            lambda a, hs, io: ops.status(hs, as_json=a.json, out=io.stdout),
+        ),
+        Command(
+            "check",
+            "connect to every host: host key, docker and compose versions, free disk",
+            lambda p: None,
+            lambda a, hs, io: ops.check(hs, out=io.stdout),
+        ),
+        Command(
+            "migrate",
+            "apply pending database migrations (migrate.py) on the db host",
+            _migrate_args,
+            lambda a, hs, io: ops.migrate(hs, plan=a.plan, no_backup=a.no_backup),
+        ),
+        Command(
+            "test",
+            "run the app's tests (run_tests.py) against the running environment",
+            _test_args,
+            lambda a, hs, io: ops.run_tests(hs, a.service),
+        ),
+        Command(
+            "backup",
+            "dump the database on the db host, verify it, pull it to backups/ENV/",
+            _backup_args,
+            lambda a, hs, io: ops.backup(hs, keep=a.keep, out=io.stdout) and None,
+        ),
+        Command(
+            "restore",
+            "restore the newest verified backup (or --file) into the database",
+            _restore_args,
+            lambda a, hs, io: ops.restore(
+                hs,
+                file=a.file,
+                yes=a.yes,
+                allow_other_env=a.allow_other_env,
+                stdin=io.stdin,
+                out=io.stdout,
+                err=io.stderr,
+            ),
+        ),
+        Command(
+            "releases",
+            "the releases kept on each host, newest first: deployed when, by whom, which commit",
             lambda p: p.add_argument("--json", action="store_true", help="one JSON document"),
-            lambda a, hs, io: release_ops.releases(hs, as_json=a.json, out=io.stdout)),
-    Command("rollback", "bring up the release before the current one (or RELEASE) with its own images",
-            _rollback_args, lambda a, hs, io: release_ops.rollback(hs, a.release, yes=a.yes, stdin=io.stdin,
-                                                                   err=io.stderr)),
-]}
+            lambda a, hs, io: release_ops.releases(hs, as_json=a.json, out=io.stdout),
+        ),
+        Command(
+            "rollback",
+            "bring up the release before the current one (or RELEASE) with its own images",
+            _rollback_args,
+            lambda a, hs, io: release_ops.rollback(hs, a.release, yes=a.yes, stdin=io.stdin, err=io.stderr),
+        ),
+    ]
+}
 
 
 @dataclass
@@ -150,18 +230,28 @@ GLOBAL_DESTS = {"hosts", "dry_run", "verbose", "help"}
 
 def _global_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     d = {"default": argparse.SUPPRESS} if suppress else {}
-    p.add_argument("--hosts", metavar="PATH", help="inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)", **d)
+    p.add_argument(
+        "--hosts", metavar="PATH", help="inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)", **d
+    )
     if "--dry-run" not in p._option_string_actions:
-        p.add_argument("--dry-run", action="store_true",
-                       help="print the remote commands and transfers per host; connect to nothing", **d)
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the remote commands and transfers per host; connect to nothing",
+            **d,
+        )
     # -v is verbose everywhere, also after `down` (where compose means --volumes): a
     # mistyped -v then keeps the data instead of deleting it.
     p.add_argument("-v", "--verbose", action="store_true", help="show remote commands and tracebacks", **d)
 
 
 def _top_parser() -> _Parser:
-    p = _Parser(prog="deploy", add_help=False, allow_abbrev=False,
-                usage="deploy [--hosts PATH] [--dry-run] [-v] ENV COMMAND [ARGS]")
+    p = _Parser(
+        prog="deploy",
+        add_help=False,
+        allow_abbrev=False,
+        usage="deploy [--hosts PATH] [--dry-run] [-v] ENV COMMAND [ARGS]",
+    )
     _global_options(p)
     p.add_argument("-h", "--help", action="store_true")
     p.add_argument("--version", action="store_true")
@@ -171,8 +261,7 @@ def _top_parser() -> _Parser:
 def command_parser(cmd: Command, prog: str | None = None, with_globals: bool = True) -> _Parser:
     """The one definition of a command's arguments: `deploy ENV CMD` parses with it, and
     the fab task of the same name is generated from it and parses with it too."""
-    p = _Parser(prog=prog or f"deploy ENV {cmd.name}", description=cmd.summary, allow_abbrev=False,
-                add_help=False)
+    p = _Parser(prog=prog or f"deploy ENV {cmd.name}", description=cmd.summary, allow_abbrev=False, add_help=False)
     p.add_argument("-h", "--help", action="store_true", help="show this help")
     cmd.configure(p)
     if with_globals:
@@ -196,7 +285,7 @@ def _split(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     while i < len(argv) and len(pos) < 2:
         tok = argv[i]
         if tok == "--hosts" and i + 1 < len(argv):
-            pre += argv[i:i + 2]
+            pre += argv[i : i + 2]
             i += 2
             continue
         (pre if tok.startswith("-") and tok != "-" else pos).append(tok)
@@ -212,8 +301,13 @@ EXIT_CODES_HELP = [
 
 
 def help_text(path) -> str:
-    lines = [_top_parser().format_usage().strip(), "",
-             "Deploy the environment's docker compose stack to its hosts over SSH.", "", "commands:"]
+    lines = [
+        _top_parser().format_usage().strip(),
+        "",
+        "Deploy the environment's docker compose stack to its hosts over SSH.",
+        "",
+        "commands:",
+    ]
     width = 8
     lines += [f"  {c.name:<{width}}  {c.summary}" for c in COMMANDS.values()]
     try:
@@ -224,17 +318,23 @@ def help_text(path) -> str:
             lines.append(f"  {e.name:<{width}}  {', '.join(h.name for h in e.hosts)}{flag}")
     except DeployError as exc:
         lines += ["", f"environments: cannot read the inventory: {exc}"]
-    lines += ["", "options:",
-              "  --hosts PATH  inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)",
-              "  --dry-run     print the remote commands and transfers per host; connect to nothing",
-              "  -v, --verbose show remote commands, and tracebacks on errors",
-              "", *EXIT_CODES_HELP,
-              "", "`deploy ENV COMMAND --help` describes a command."]
+    lines += [
+        "",
+        "options:",
+        "  --hosts PATH  inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)",
+        "  --dry-run     print the remote commands and transfers per host; connect to nothing",
+        "  -v, --verbose show remote commands, and tracebacks on errors",
+        "",
+        *EXIT_CODES_HELP,
+        "",
+        "`deploy ENV COMMAND --help` describes a command.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def run_command(cmd: Command, args: argparse.Namespace, env: inv.Environment, io: IO3,
-                hosts: tuple[inv.Host, ...] | None = None) -> int:
+def run_command(
+    cmd: Command, args: argparse.Namespace, env: inv.Environment, io: IO3, hosts: tuple[inv.Host, ...] | None = None
+) -> int:
     """Run a parsed command on the environment's hosts (or some of them: fab -H)."""
     if hasattr(args, "plan"):
         # For migrate, --dry-run asks the migration runner for its plan.
@@ -265,17 +365,23 @@ def _dispatch(argv: list[str], io: IO3, state: dict) -> int:
             raise UsageError(f"'{word}' needs an environment before it", hint=f"usage: deploy ENV {word}")
         names = _env_names(path)
         if word in names:
-            raise UsageError(f"missing command for environment '{word}' (commands: {', '.join(COMMANDS)})",
-                             hint=f"usage: deploy {word} COMMAND")
-        raise UsageError(f"{word!r} is not a recognized command or environment "
-                         f"(commands: {', '.join(COMMANDS)}; environments: {', '.join(names) or '?'})",
-                         hint="usage: deploy ENV COMMAND [ARGS]; run `deploy` alone for help")
+            raise UsageError(
+                f"missing command for environment '{word}' (commands: {', '.join(COMMANDS)})",
+                hint=f"usage: deploy {word} COMMAND",
+            )
+        raise UsageError(
+            f"{word!r} is not a recognized command or environment "
+            f"(commands: {', '.join(COMMANDS)}; environments: {', '.join(names) or '?'})",
+            hint="usage: deploy ENV COMMAND [ARGS]; run `deploy` alone for help",
+        )
     env_name, cmd_name = pos
     if cmd_name not in COMMANDS:
         if env_name in COMMANDS and cmd_name in _env_names(path):
             raise UsageError("the environment comes first", hint=f"deploy {cmd_name} {env_name}")
-        raise UsageError(f"unknown command {cmd_name!r} for environment {env_name!r} "
-                         f"(commands: {', '.join(COMMANDS)})", hint="usage: deploy ENV COMMAND [ARGS]")
+        raise UsageError(
+            f"unknown command {cmd_name!r} for environment {env_name!r} (commands: {', '.join(COMMANDS)})",
+            hint="usage: deploy ENV COMMAND [ARGS]",
+        )
     cmd = COMMANDS[cmd_name]
     parser = command_parser(cmd)
     if top.help or wants_help(rest):
@@ -325,8 +431,10 @@ def guarded(body: Callable[[], int], io: IO3, verbose: Callable[[], bool], prog:
     except Exception as exc:  # a bug: say so in one line, the traceback with -v
         if verbose():
             traceback.print_exc(file=io.stderr)
-        io.stderr.write(f"{prog}: internal error: {type(exc).__name__}: {exc}\n"
-                        "hint: run again with -v for the traceback, and report it\n")
+        io.stderr.write(
+            f"{prog}: internal error: {type(exc).__name__}: {exc}\n"
+            "hint: run again with -v for the traceback, and report it\n"
+        )
         return int(ExitStatus.SOFTWARE)
     finally:
         restore_signals()
@@ -336,8 +444,13 @@ def guarded(body: Callable[[], int], io: IO3, verbose: Callable[[], bool], prog:
             pass
 
 
-def main(argv: list[str] | None = None, *, stdin: IO[str] | None = None, stdout: IO[str] | None = None,
-         stderr: IO[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    *,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
     io = IO3(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr)
     argv = list(sys.argv[1:] if argv is None else argv)
     state = {"verbose": "-v" in argv or "--verbose" in argv}

@@ -4,6 +4,7 @@ Nothing here touches the network: the runner joins an argv with shlex.join and r
 and --dry-run prints the same joined string. User input (service names, counts) is
 validated here against an allowlist and placed after `--`.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,9 +32,9 @@ class Compose:
     """`docker compose` for one environment on one host."""
 
     project: str
-    compose_file: str | None = None     # absolute path on the host; None: by project label only
+    compose_file: str | None = None  # absolute path on the host; None: by project label only
     env_file: str | None = None
-    override_file: str | None = None    # the release's generated override (image tags, state)
+    override_file: str | None = None  # the release's generated override (image tags, state)
 
     def base(self) -> list[str]:
         argv = ["docker", "compose", "--ansi", "never", "-p", self.project]
@@ -45,9 +46,16 @@ class Compose:
             argv += ["--env-file", self.env_file]
         return argv
 
-    def up(self, services: list[str] = (), detach: bool = False, build: bool = False,
-           wait_timeout: int | None = None, no_build: bool = False, no_start: bool = False,
-           no_deps: bool = False) -> list[str]:
+    def up(
+        self,
+        services: list[str] = (),
+        detach: bool = False,
+        build: bool = False,
+        wait_timeout: int | None = None,
+        no_build: bool = False,
+        no_start: bool = False,
+        no_deps: bool = False,
+    ) -> list[str]:
         argv = self.base() + ["up", "--remove-orphans"]
         if detach:
             argv += ["--detach", "--wait"]
@@ -69,8 +77,9 @@ class Compose:
     def build(self, services: list[str] = ()) -> list[str]:
         return self.base() + ["build", "--", *services]
 
-    def logs(self, services: list[str] = (), follow: bool = False, tail: int | None = None,
-             timestamps: bool = False) -> list[str]:
+    def logs(
+        self, services: list[str] = (), follow: bool = False, tail: int | None = None, timestamps: bool = False
+    ) -> list[str]:
         argv = self.base() + ["logs", "--no-color"]
         if follow:
             argv.append("--follow")
@@ -89,8 +98,9 @@ class Compose:
             out += ["--workdir", workdir]
         return out + [service, *argv]
 
-    def run(self, service: str, argv: list[str], no_deps: bool = True, name: str | None = None,
-            app_name: str | None = None) -> list[str]:
+    def run(
+        self, service: str, argv: list[str], no_deps: bool = True, name: str | None = None, app_name: str | None = None
+    ) -> list[str]:
         """A one-off container. `name` lets an interrupted client stop it (docker kill NAME),
         `app_name` (PGAPPNAME) lets it end the container's database sessions too."""
         out = self.base() + ["run", "--rm", "-T"] + (["--no-deps"] if no_deps else [])

@@ -4,6 +4,7 @@
 Thin on purpose: the logic lives in the `deployment` package (cli.py parses, operations.py
 acts). Also installed as the `deploy` console script.
 """
+
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.path.insert(0, str(here.parent))
 
-from deployment.cli import exit_process, main  # noqa: E402
+from deployment.cli import exit_process, main
 
 if __name__ == "__main__":
     exit_process(main())

@@ -8,6 +8,7 @@ Patterns are relative to the context (a leading `/` is dropped) and cleaned like
 class, `\\` escapes. A pattern that matches a directory matches everything under it.
 The Dockerfile and .dockerignore are sent whatever the file says.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -21,7 +22,7 @@ ALWAYS_SENT = {"Dockerfile", ".dockerignore"}
 @dataclass(frozen=True)
 class Rule:
     regex: re.Pattern
-    include: bool   # a `!` line
+    include: bool  # a `!` line
 
 
 def _translate(pattern: str) -> re.Pattern:
@@ -33,7 +34,7 @@ def _translate(pattern: str) -> re.Pattern:
             if pattern.startswith("**", i):
                 i += 2
                 if pattern.startswith("/", i):
-                    out.append("(?:.*/)?")      # `**/`: zero or more directories
+                    out.append("(?:.*/)?")  # `**/`: zero or more directories
                     i += 1
                 else:
                     out.append(".*")
@@ -47,10 +48,10 @@ def _translate(pattern: str) -> re.Pattern:
         elif c == "[":
             start = i + 2 if pattern.startswith(("[!", "[^"), i) else i + 1
             end = pattern.find("]", start)
-            if end <= start:    # no closing bracket, or an empty class: a literal `[`
+            if end <= start:  # no closing bracket, or an empty class: a literal `[`
                 out.append(re.escape(c))
             else:
-                body = pattern[i + 1:end]
+                body = pattern[i + 1 : end]
                 negate = body[:1] in ("!", "^")
                 # Only ranges (a-z) keep a meaning inside; anything Python's regex
                 # classes would read specially is taken literally.

@@ -3,22 +3,23 @@
 Every failure a user can cause or meet is one of these; anything else is a bug and is
 shown with its traceback.
 """
+
 from __future__ import annotations
 
 import enum
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 
 class ExitStatus(enum.IntEnum):
     OK = 0
-    REMOTE_FAILED = 1       # a command on a host failed (compose, migrate, a test, a dump)
-    USAGE = 2               # bad arguments, inventory or compose file; refused confirmations
-    CONNECTION = 3          # connect, authentication or host-key failure
-    SOFTWARE = 70           # EX_SOFTWARE: an internal error (a bug), not a failed deploy
-    TEMPFAIL = 75           # EX_TEMPFAIL: another run holds the lock; try again later
-    INTERRUPTED = 130       # Ctrl+C, or SIGTERM / SIGHUP (see Terminated)
+    REMOTE_FAILED = 1  # a command on a host failed (compose, migrate, a test, a dump)
+    USAGE = 2  # bad arguments, inventory or compose file; refused confirmations
+    CONNECTION = 3  # connect, authentication or host-key failure
+    SOFTWARE = 70  # EX_SOFTWARE: an internal error (a bug), not a failed deploy
+    TEMPFAIL = 75  # EX_TEMPFAIL: another run holds the lock; try again later
+    INTERRUPTED = 130  # Ctrl+C, or SIGTERM / SIGHUP (see Terminated)
 
 
 class Terminated(KeyboardInterrupt):
@@ -65,6 +66,7 @@ def terminate_as_interrupt() -> Callable[[], None]:
     def restore() -> None:
         for sig, old in previous.items():
             signal.signal(sig, signal.SIG_DFL if old is None else old)
+
     return restore
 
 
@@ -125,6 +127,7 @@ class shielded_from_interrupts:
             if not told:
                 told.append(True)
                 self.notice()
+
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self.previous[sig] = signal.signal(sig, handler)
         return self
@@ -153,6 +156,7 @@ class deferred_interrupts:
         def handler(signum, _frame):
             if self.pending is None:
                 self.pending = KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self.previous[sig] = signal.signal(sig, handler)
         return self

@@ -12,6 +12,7 @@ its environment (`--env NAME` if it is in several). Fabric hands each task a Con
 built with its own defaults (unknown host keys accepted, no known_hosts); it is never
 opened: the host name is all we take from it. Fabric's `--dry` (`-R`) is the dry run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,15 @@ def resolve(host_arg: str, env_name: str | None = None):
         matches = [(e, h) for e, h in matches if e.name == env_name]
     if not matches:
         where = f" in environment '{env_name}'" if env_name else ""
-        raise InventoryError(f"host '{host_arg}' is in no environment{where} of {path}",
-                             hint="fab -H takes a host name as written in the inventory's hosts lists")
+        raise InventoryError(
+            f"host '{host_arg}' is in no environment{where} of {path}",
+            hint="fab -H takes a host name as written in the inventory's hosts lists",
+        )
     if len(matches) > 1:
         names = ", ".join(e.name for e, _ in matches)
-        raise InventoryError(f"host '{host_arg}' is in several environments ({names})",
-                             hint="choose one with --env NAME")
+        raise InventoryError(
+            f"host '{host_arg}' is in several environments ({names})", hint="choose one with --env NAME"
+        )
     return matches[0]
 
 
@@ -115,8 +119,10 @@ def run_task(c, cmd: cli.Command, flags: list[_Flag], values: dict) -> int:
     def body() -> int:
         host_arg = getattr(c, "original_host", None)
         if not host_arg:
-            raise UsageError(f"fab {cmd.name} needs a host: fab -H HOST {cmd.name}",
-                             hint="the host is looked up in the inventory to find its environment")
+            raise UsageError(
+                f"fab {cmd.name} needs a host: fab -H HOST {cmd.name}",
+                hint="the host is looked up in the inventory to find its environment",
+            )
         env_name = values.pop("env", None)
         options, positionals = [], []
         for f in flags:
@@ -126,7 +132,7 @@ def run_task(c, cmd: cli.Command, flags: list[_Flag], values: dict) -> int:
         argv = options + (["--", *positionals] if positionals else [])
         args = _parser(cmd).parse_args(argv)
         args.hosts = None
-        args.dry_run = bool(c.config.run.dry)    # fab --dry / -R
+        args.dry_run = bool(c.config.run.dry)  # fab --dry / -R
         args.verbose = verbose
         env, host = resolve(host_arg, env_name)
         return cli.run_command(cmd, args, env, io, hosts=(host,))
@@ -138,4 +144,3 @@ def tasks() -> dict[str, Task]:
     """Every deploy command as a fab task, by name (`test` is bound as `test_`, since
     pytest would collect a module-level `test`)."""
     return {name: make_task(cmd) for name, cmd in cli.COMMANDS.items()}
-

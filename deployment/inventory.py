@@ -5,6 +5,7 @@ duplicate keys are errors, so a typo (`protcted: true`) or a second `protected: 
 cannot pass silently. Nothing a file holds (its size, type, encoding, nesting, numbers)
 can make loading hang, crash or run out of memory: every problem is an InventoryError.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -45,8 +46,23 @@ USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 # Variables the host's SSH login sets for compose's process: compose gives the process
 # environment precedence over the .env, so an inventory variable of that name would
 # silently not reach the services.
-LOGIN_VARIABLES = frozenset({"HOME", "PATH", "USER", "LOGNAME", "SHELL", "MAIL", "PWD", "OLDPWD", "SHLVL",
-                             "TERM", "LANG", "LANGUAGE", "MOTD_SHOWN"})
+LOGIN_VARIABLES = frozenset(
+    {
+        "HOME",
+        "PATH",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "MAIL",
+        "PWD",
+        "OLDPWD",
+        "SHLVL",
+        "TERM",
+        "LANG",
+        "LANGUAGE",
+        "MOTD_SHOWN",
+    }
+)
 LOGIN_PREFIXES = ("SSH_", "LC_", "XDG_")
 VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ROLE_RE = re.compile(r"[a-z][a-z0-9_-]*")
@@ -56,8 +72,17 @@ _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 # Keys that `defaults` may set and any environment may override.
-SHARED_KEYS = {"user", "port", "remote_dir", "ssh_config", "known_hosts",
-               "connect_timeout", "command_timeout", "backup", "root"}
+SHARED_KEYS = {
+    "user",
+    "port",
+    "remote_dir",
+    "ssh_config",
+    "known_hosts",
+    "connect_timeout",
+    "command_timeout",
+    "backup",
+    "root",
+}
 ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected", "app_service", "db_service", "roles"}
 TOP_KEYS = {"project", "defaults", "environments"}
 BACKUP_KEYS = {"dir", "keep"}
@@ -65,8 +90,8 @@ BACKUP_KEYS = {"dir", "keep"}
 
 @dataclass(frozen=True)
 class Host:
-    name: str                      # as written: an ssh_config alias or a host name
-    user: str | None = None        # from "user@host:port", else the environment's
+    name: str  # as written: an ssh_config alias or a host name
+    user: str | None = None  # from "user@host:port", else the environment's
     port: int | None = None
     roles: tuple[str, ...] = ("app",)
 
@@ -125,10 +150,13 @@ class Environment:
             if isinstance(value, dict):
                 name = value["env"]
                 if name not in os.environ:
-                    raise InventoryError(_one_line(
-                        f"{self.inventory_path}: environments.{self.name}.variables.{key}: "
-                        f"takes its value from ${name}, which is not set"),
-                        hint=f"export {name}=... before running, or set the value in the inventory")
+                    raise InventoryError(
+                        _one_line(
+                            f"{self.inventory_path}: environments.{self.name}.variables.{key}: "
+                            f"takes its value from ${name}, which is not set"
+                        ),
+                        hint=f"export {name}=... before running, or set the value in the inventory",
+                    )
                 value = os.environ[name]
             elif isinstance(value, bool):
                 value = "true" if value else "false"
@@ -147,13 +175,14 @@ class Inventory:
             return self.environments[name]
         except KeyError:
             valid = ", ".join(self.environments) or "(none)"
-            raise InventoryError(f"unknown environment {_show(name)} (valid: {valid})",
-                                 hint=_one_line(f"environments are defined in {self.path}")) from None
+            raise InventoryError(
+                f"unknown environment {_show(name)} (valid: {valid})",
+                hint=_one_line(f"environments are defined in {self.path}"),
+            ) from None
 
     def find_host(self, name: str) -> list[tuple[Environment, Host]]:
         """Every (environment, host) entry whose host is named `name` (for `fab -H`)."""
-        return [(env, h) for env in self.environments.values() for h in env.hosts
-                if name in (h.name, _host_string(h))]
+        return [(env, h) for env in self.environments.values() for h in env.hosts if name in (h.name, _host_string(h))]
 
 
 def _host_string(h: Host) -> str:
@@ -168,15 +197,18 @@ def resolve_path(cli_path: str | None) -> Path:
     pick the repository's (production) inventory."""
     if cli_path is not None:
         if not cli_path:
-            raise InventoryError("--hosts: the inventory path is empty",
-                                 hint=f"pass --hosts PATH, or leave --hosts out for ${ENV_VAR}, "
-                                      "else deployment/hosts.yaml")
+            raise InventoryError(
+                "--hosts: the inventory path is empty",
+                hint=f"pass --hosts PATH, or leave --hosts out for ${ENV_VAR}, else deployment/hosts.yaml",
+            )
         return Path(cli_path)
     value = os.environ.get(ENV_VAR)
     if value is not None:
         if not value:
-            raise InventoryError(f"${ENV_VAR} is set but empty",
-                                 hint="set it to the inventory's path, or unset it for deployment/hosts.yaml")
+            raise InventoryError(
+                f"${ENV_VAR} is set but empty",
+                hint="set it to the inventory's path, or unset it for deployment/hosts.yaml",
+            )
         return Path(value)
     return DEFAULT_PATH
 
@@ -229,12 +261,21 @@ def _check_regular(st: os.stat_result, refuse) -> None:
     mode = st.st_mode
     if stat.S_ISREG(mode):
         if st.st_size > MAX_BYTES:
-            raise refuse(f"the inventory is {st.st_size} bytes, larger than {MAX_BYTES // 1024} KiB; "
-                         "this is not an inventory")
+            raise refuse(
+                f"the inventory is {st.st_size} bytes, larger than {MAX_BYTES // 1024} KiB; this is not an inventory"
+            )
         return
-    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "not a regular file")
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
     raise refuse(f"is {kind}, not an inventory file", hint="pass the path of a hosts.yaml file")
 
 
@@ -252,14 +293,15 @@ def _decode(raw: bytes, refuse) -> str:
         line = raw.count(b"\n", 0, at) + 1
         raise refuse(f"has a NUL byte (line {line}): not a text file; {must}")
     if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise refuse(f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, column {column}); "
-                     f"{must}") from None
+        raise refuse(
+            f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, column {column}); {must}"
+        ) from None
 
 
 class _Loader(yaml.SafeLoader):
@@ -278,8 +320,9 @@ class _Loader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
-                                    self.peek_event().start_mark)
+                raise ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -292,13 +335,18 @@ class _Loader(yaml.SafeLoader):
         except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
             value = node.value if isinstance(node, ScalarNode) else ""
             tag = node.tag.rsplit(":", 1)[-1]
-            raise ConstructorError(None, None, f"{_show(value)} is not a valid {tag} ({_reason(exc)})",
-                                   node.start_mark) from None
+            raise ConstructorError(
+                None, None, f"{_show(value)} is not a valid {tag} ({_reason(exc)})", node.start_mark
+            ) from None
 
     def _number(self, node, construct):
         if isinstance(node, ScalarNode) and len(node.value) > MAX_NUMBER_CHARS:
-            raise ConstructorError(None, None, f"a number of {len(node.value)} characters is too long "
-                                   "(quote it if it is text)", node.start_mark)
+            raise ConstructorError(
+                None,
+                None,
+                f"a number of {len(node.value)} characters is too long (quote it if it is text)",
+                node.start_mark,
+            )
         return construct(self, node)
 
     def construct_yaml_int(self, node):
@@ -316,7 +364,7 @@ def _parse(path: Path, text: str) -> Any:
     shown = _one_line(str(path))
     loader = None
     try:
-        loader = _Loader(text)       # checks the characters at once (ReaderError)
+        loader = _Loader(text)  # checks the characters at once (ReaderError)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -328,8 +376,11 @@ def _parse(path: Path, text: str) -> Any:
             line = text.count("\n", 0, exc.position) + 1
             column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
             where = f" (line {line}, column {column})"
-            problem = f"character #x{exc.character:04x} is not allowed: {exc.reason}" \
-                if isinstance(exc.character, int) else exc.reason
+            problem = (
+                f"character #x{exc.character:04x} is not allowed: {exc.reason}"
+                if isinstance(exc.character, int)
+                else exc.reason
+            )
         else:
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
             problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -371,14 +422,17 @@ def _duplicates(loader: _Loader, root: Node, shown: str) -> None:
                     elif key_node.tag in _SCALAR_TAGS:
                         key = loader.construct_object(key_node)
                         ident = (type(key), key)
-                    else:       # `=` (a plain string key), or a collection tag on a scalar
+                    else:  # `=` (a plain string key), or a collection tag on a scalar
                         ident = (key_node.tag, key_node.value)
                     if ident in first:
                         line0 = first[ident].start_mark.line + 1
-                        raise InventoryError(_one_line(
-                            f"{shown}: {child}: duplicate key (line {key_node.start_mark.line + 1}; "
-                            f"the first is on line {line0})"),
-                            hint="remove one of them: YAML would silently keep only the last")
+                        raise InventoryError(
+                            _one_line(
+                                f"{shown}: {child}: duplicate key (line {key_node.start_mark.line + 1}; "
+                                f"the first is on line {line0})"
+                            ),
+                            hint="remove one of them: YAML would silently keep only the last",
+                        )
                     first[ident] = key_node
                 children.append((value_node, child))
             stack.extend(reversed(children))
@@ -442,8 +496,7 @@ class _Validator:
         unknown = sorted(set(value) - allowed) if allowed is not None else []
         if unknown:
             prefix = f"{where}." if where else ""
-            raise self.fail(f"{prefix}{_key(unknown[0])}",
-                            f"unknown key (allowed here: {', '.join(sorted(allowed))})")
+            raise self.fail(f"{prefix}{_key(unknown[0])}", f"unknown key (allowed here: {', '.join(sorted(allowed))})")
         return value
 
     def optional_mapping(self, container: dict, key: str, where: str, allowed: set[str] | None) -> dict:
@@ -512,8 +565,9 @@ class _Validator:
         data = self.mapping(data, "", TOP_KEYS)
         if "project" not in data:
             raise self.fail("project", "is required (the compose project is '<project>-<env>')")
-        project = self.string(data["project"], "project", NAME_RE,
-                              "project name (lower-case letters, digits, '-' and '_')")
+        project = self.string(
+            data["project"], "project", NAME_RE, "project name (lower-case letters, digits, '-' and '_')"
+        )
         defaults = self.optional_mapping(data, "defaults", "defaults", SHARED_KEYS)
         envs = data.get("environments")
         if envs is None:
@@ -523,8 +577,12 @@ class _Validator:
             raise self.fail("environments", "must define at least one environment")
         out = {}
         for name, spec in envs.items():
-            self.string(name, f"environments.{_key(name)}", NAME_RE,
-                        "environment name (lower-case letters, digits, '-' and '_')")
+            self.string(
+                name,
+                f"environments.{_key(name)}",
+                NAME_RE,
+                "environment name (lower-case letters, digits, '-' and '_')",
+            )
             out[name] = self.environment(project, name, defaults, spec)
         return Inventory(path=self.path, project=project, environments=out)
 
@@ -545,8 +603,9 @@ class _Validator:
         port = self.limited(merged["port"], src("port"), limits.PORT) if "port" in merged else None
         remote_dir = self.single_line(merged.get("remote_dir", f"/srv/{project}"), src("remote_dir"))
         if not remote_dir.startswith(("/", "~/")) or any(c in remote_dir for c in "'\"$`\\"):
-            raise self.fail(src("remote_dir"), "must be an absolute path (or start with ~/) "
-                            "without quotes, '$', '`' or backslashes")
+            raise self.fail(
+                src("remote_dir"), "must be an absolute path (or start with ~/) without quotes, '$', '`' or backslashes"
+            )
         ssh_config = self.ssh_config(merged, src("ssh_config"))
         known = merged.get("known_hosts", "~/.ssh/known_hosts")
         if isinstance(known, list):
@@ -556,30 +615,51 @@ class _Validator:
         protected = spec.get("protected", False)
         if not isinstance(protected, bool):
             raise self.fail(f"{where}.protected", f"must be true or false, not {_kind(protected)}")
-        variables = self.variables(self.optional_mapping(spec, "variables", f"{where}.variables", None),
-                                   f"{where}.variables")
+        variables = self.variables(
+            self.optional_mapping(spec, "variables", f"{where}.variables", None), f"{where}.variables"
+        )
         backup = self.optional_mapping(merged, "backup", src("backup"), BACKUP_KEYS)
         # Without a configured dir, backups land where the operator runs the tool.
-        backup_dir = (self.local_path(backup["dir"], f"{src('backup')}.dir") if "dir" in backup
-                      else self.cwd(f"{src('backup')}.dir") / "backups" / name)
+        backup_dir = (
+            self.local_path(backup["dir"], f"{src('backup')}.dir")
+            if "dir" in backup
+            else self.cwd(f"{src('backup')}.dir") / "backups" / name
+        )
         keep = self.limited(backup.get("keep", 14), f"{src('backup')}.keep", limits.KEEP)
-        connect_timeout = self.limited(merged.get("connect_timeout", 10), src("connect_timeout"),
-                                       limits.CONNECT_TIMEOUT)
-        command_timeout = self.limited(merged.get("command_timeout", 3600), src("command_timeout"),
-                                       limits.COMMAND_TIMEOUT)
+        connect_timeout = self.limited(
+            merged.get("connect_timeout", 10), src("connect_timeout"), limits.CONNECT_TIMEOUT
+        )
+        command_timeout = self.limited(
+            merged.get("command_timeout", 3600), src("command_timeout"), limits.COMMAND_TIMEOUT
+        )
         root = self.existing(merged["root"], src("root"), directory=True).resolve() if "root" in merged else None
         role_services = None
-        if spec.get("roles") is not None:       # missing or null: no mapping
+        if spec.get("roles") is not None:  # missing or null: no mapping
             role_services = self.role_services(spec["roles"], f"{where}.roles")
             self.host_roles_mapped(spec["hosts"], hosts, role_services, where)
         return Environment(
-            name=name, project=project, compose_file=compose_file, hosts=hosts,
-            variables=variables, protected=protected, user=user, port=port, remote_dir=remote_dir,
-            ssh_config=ssh_config, known_hosts=known_hosts,
-            connect_timeout=float(connect_timeout), command_timeout=float(command_timeout),
-            backup_dir=backup_dir, backup_keep=keep, inventory_path=self.path, root=root,
-            app_service=(self.string(spec["app_service"], f"{where}.app_service", SERVICE_RE, "service name")
-                         if "app_service" in spec else None),
+            name=name,
+            project=project,
+            compose_file=compose_file,
+            hosts=hosts,
+            variables=variables,
+            protected=protected,
+            user=user,
+            port=port,
+            remote_dir=remote_dir,
+            ssh_config=ssh_config,
+            known_hosts=known_hosts,
+            connect_timeout=float(connect_timeout),
+            command_timeout=float(command_timeout),
+            backup_dir=backup_dir,
+            backup_keep=keep,
+            inventory_path=self.path,
+            root=root,
+            app_service=(
+                self.string(spec["app_service"], f"{where}.app_service", SERVICE_RE, "service name")
+                if "app_service" in spec
+                else None
+            ),
             db_service=self.string(spec.get("db_service", "db"), f"{where}.db_service", SERVICE_RE, "service name"),
             role_services=role_services,
         )
@@ -589,15 +669,21 @@ class _Validator:
         with that role runs. Whether they are services of the compose file is checked
         where the compose file is read (placement.py)."""
         if not isinstance(value, dict):
-            raise self.fail(where, f"must be a mapping of roles to lists of services, not {_kind(value)}",
-                            hint="for example roles: {app: [web, worker], db: [db]}")
+            raise self.fail(
+                where,
+                f"must be a mapping of roles to lists of services, not {_kind(value)}",
+                hint="for example roles: {app: [web, worker], db: [db]}",
+            )
         self.mapping(value, where, None)
         out = {}
         for role, services in value.items():
             w = f"{where}.{_key(role)}"
             if not ROLE_RE.fullmatch(role):
-                raise self.fail(w, f"{_show(role)} is not a valid role (lower-case letters, digits, '-' and '_', "
-                                "starting with a letter)")
+                raise self.fail(
+                    w,
+                    f"{_show(role)} is not a valid role (lower-case letters, digits, '-' and '_', "
+                    "starting with a letter)",
+                )
             if not isinstance(services, list) or not services:
                 raise self.fail(w, f"must be a non-empty list of service names, not {_kind(services)}")
             names: list[str] = []
@@ -609,8 +695,9 @@ class _Validator:
             out[role] = tuple(names)
         return out
 
-    def host_roles_mapped(self, raw_hosts: list, hosts: tuple[Host, ...],
-                          role_services: dict[str, tuple[str, ...]], where: str) -> None:
+    def host_roles_mapped(
+        self, raw_hosts: list, hosts: tuple[Host, ...], role_services: dict[str, tuple[str, ...]], where: str
+    ) -> None:
         """With a `roles:` mapping, every role a host carries must be in it (a host
         without `roles` has the role app), or that host would run nothing."""
         known = ", ".join(role_services) or "(none)"
@@ -623,16 +710,18 @@ class _Validator:
                     at, has = f"{where}.hosts[{i}].roles[{j}]", f"has the role {_show(role)}"
                 else:
                     at, has = f"{where}.hosts[{i}]", f"has the default role {_show(role)} (it lists no roles)"
-                raise self.fail(at, f"host {_show(host.label)} {has}, which {where}.roles does not "
-                                f"map to services (roles there: {known})",
-                                hint=f"add {role}: [SERVICE, ...] to {where}.roles, or give the host "
-                                     "roles that are there")
+                raise self.fail(
+                    at,
+                    f"host {_show(host.label)} {has}, which {where}.roles does not "
+                    f"map to services (roles there: {known})",
+                    hint=f"add {role}: [SERVICE, ...] to {where}.roles, or give the host roles that are there",
+                )
 
     def ssh_config(self, merged: dict, where: str) -> Path | None:
         """Like OpenSSH: a missing ~/.ssh/config is fine, a missing explicit file is not.
         It must be a regular file (or /dev/null): Fabric reads all of it."""
         default = os.path.expanduser("~/.ssh/config")
-        default = None if default.startswith("~") else Path(default)    # None: no home directory
+        default = None if default.startswith("~") else Path(default)  # None: no home directory
         if "ssh_config" in merged:
             p = self.local_path(merged["ssh_config"], where)
         elif default is None:
@@ -652,12 +741,15 @@ class _Validator:
         try:
             return Path.cwd()
         except OSError as exc:
-            raise self.fail(where, f"not set, and the current directory (the default) is unusable: "
-                            f"{_reason(exc)}", hint="cd to an existing directory, or set backup.dir") from None
+            raise self.fail(
+                where,
+                f"not set, and the current directory (the default) is unusable: {_reason(exc)}",
+                hint="cd to an existing directory, or set backup.dir",
+            ) from None
 
     def known_hosts_file(self, value: Any, where: str) -> Path:
         p = self.local_path(value, where)
-        self.stat(p, where)   # may be missing (the default often is); must not be unreadable
+        self.stat(p, where)  # may be missing (the default often is); must not be unreadable
         return p
 
     def hosts(self, value: Any, where: str) -> tuple[Host, ...]:
@@ -676,8 +768,12 @@ class _Validator:
                 roles = item.get("roles", ["app"])
                 if not isinstance(roles, list) or not roles:
                     raise self.fail(f"{w}.roles", f"must be a non-empty list, not {_kind(roles)}")
-                host = Host(host.name, host.user, host.port,
-                            tuple(self.string(r, f"{w}.roles[{j}]", ROLE_RE, "role") for j, r in enumerate(roles)))
+                host = Host(
+                    host.name,
+                    host.user,
+                    host.port,
+                    tuple(self.string(r, f"{w}.roles[{j}]", ROLE_RE, "role") for j, r in enumerate(roles)),
+                )
             else:
                 raise self.fail(w, f"must be a host string or a mapping with name and roles, not {_kind(item)}")
             key = _host_string(host)
@@ -713,8 +809,11 @@ class _Validator:
             if not VAR_RE.fullmatch(key):
                 raise self.fail(w, "is not a valid variable name (letters, digits, '_')")
             if key in LOGIN_VARIABLES or key.startswith(LOGIN_PREFIXES):
-                raise self.fail(w, "is set by the host's SSH login, and compose takes that value over the "
-                                ".env's: the service would not get the value given here; rename the variable")
+                raise self.fail(
+                    w,
+                    "is set by the host's SSH login, and compose takes that value over the "
+                    ".env's: the service would not get the value given here; rename the variable",
+                )
             if isinstance(v, dict):
                 self.mapping(v, w, {"env"})
                 self.string(v.get("env"), f"{w}.env", VAR_RE, "environment variable name")
@@ -733,6 +832,13 @@ class _Validator:
 def _kind(value: Any) -> str:
     if value is None:
         return "empty"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", bytes: "binary data", set: "a set"}.get(
-        type(value), f"a {type(value).__name__}")
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        bytes: "binary data",
+        set: "a set",
+    }.get(type(value), f"a {type(value).__name__}")

@@ -6,6 +6,7 @@ the inventory validator all go through `Limit.parse` / `Limit.check`, so `--keep
 before anything can reach a remote script (where a huge count could wrap in a shell's
 arithmetic and turn a retention rule into "delete everything").
 """
+
 from __future__ import annotations
 
 import decimal
@@ -18,7 +19,7 @@ _DIGITS = re.compile(r"[0-9]{1,12}")
 
 @dataclass(frozen=True)
 class Limit:
-    what: str           # in an error: "keep", "tail", ...
+    what: str  # in an error: "keep", "tail", ...
     low: float
     high: float
     integer: bool = True
@@ -57,7 +58,7 @@ class Limit:
 
 def _shown(value) -> str:
     """A number for an error line: huge ones shortened (an int of 400 digits has no float)."""
-    if isinstance(value, int) and abs(value) >= 10 ** 15:
+    if isinstance(value, int) and abs(value) >= 10**15:
         return format(decimal.Decimal(value), ".2e")
     return f"{value:.3g}" if abs(value) >= 1e15 else str(value)
 

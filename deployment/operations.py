@@ -4,19 +4,19 @@ The CLI (cli.py) and the fabfile parse arguments and call these. Every function 
 the HostSessions to act on, validates user input before any host is touched, and raises
 DeployError subclasses on failure.
 """
+
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 from . import backup as bk
-from . import limits
+from . import limits, placement
 from . import release as rel
-from . import placement
 from . import release_host as rh
 from .commands import EXPAND_DIR, Compose, check_services
 from .errors import DeployError, ExitStatus, HostKeyError, RemoteError, UsageError
@@ -50,8 +50,8 @@ def parse_ps(text: str) -> list[dict]:
 
 # --- up -----------------------------------------------------------------------------------
 
-def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
-       build: bool = False) -> None:
+
+def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False, build: bool = False) -> None:
     env = hosts[0].env
     services = validate_services(env, list(services))
     compose_spec = rel.load_compose(env.compose_file)
@@ -65,7 +65,7 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
         mine = placement.services_to_start(env, hs.host, compose_spec, services)
         if not mine:
             hs.say(f"{env.compose_project}: none of the requested services run on this host; skipped")
-            return      # never `compose up --` with no services: that would start them all
+            return  # never `compose up --` with no services: that would start them all
         whole = not services and mine == list(compose_spec["services"])
         start, no_deps = ([], False) if whole else (mine, True)
         whole_stack = detach and whole and not build
@@ -84,15 +84,16 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
         if not detach:
             # Containers first; once they exist the release counts as what runs, then a
             # pty, so that Ctrl+C reaches compose, which stops the services cleanly.
-            hs.runner.run(compose.up(start, no_build=True, no_start=True, no_deps=no_deps),
-                          what="compose up --no-start")
+            hs.runner.run(
+                compose.up(start, no_build=True, no_start=True, no_deps=no_deps), what="compose up --no-start"
+            )
             if not hs.dry_run:
                 mark_up(hs.runner, env, release.id, command, whole_stack=False)
-            hs.runner.run(compose.up(start, detach=False, no_build=True, no_deps=no_deps), pty=True,
-                          what="compose up")
+            hs.runner.run(compose.up(start, detach=False, no_build=True, no_deps=no_deps), pty=True, what="compose up")
             return
-        res = hs.runner.run(compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False,
-                            what="compose up")
+        res = hs.runner.run(
+            compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False, what="compose up"
+        )
         if res.exited != 0:
             explain_failed_start(hs, compose, res, deployed.current)
         if hs.dry_run:
@@ -120,21 +121,30 @@ def explain_failed_start(hs: HostSession, compose: Compose, res, current: str | 
         still = f"; current is still release {current}" if current else "; no release is current yet"
     if bad:
         names = ", ".join(f"{c.get('Service')} ({c.get('Status') or c.get('State')})" for c in bad)
-        raise RemoteError(f"{hs.name}: services did not become healthy: {names}{still}",
-                          hint="their last log lines are shown above")
-    raise RemoteError(f"{hs.name}: compose up failed (exit {res.exited})" + (f": {detail}" if detail else "")
-                      + still)
+        raise RemoteError(
+            f"{hs.name}: services did not become healthy: {names}{still}", hint="their last log lines are shown above"
+        )
+    raise RemoteError(f"{hs.name}: compose up failed (exit {res.exited})" + (f": {detail}" if detail else "") + still)
 
 
 # --- down ---------------------------------------------------------------------------------
 
-def down(hosts: list[HostSession], volumes: bool = False, yes: bool = False,
-         stdin: IO[str] | None = None, out: IO[str] | None = None) -> None:
+
+def down(
+    hosts: list[HostSession],
+    volumes: bool = False,
+    yes: bool = False,
+    stdin: IO[str] | None = None,
+    out: IO[str] | None = None,
+) -> None:
     env = hosts[0].env
     if env.protected and not hosts[0].dry_run:
         # Stopping a protected environment is an outage; with --volumes it deletes data.
-        what = ("remove the containers, networks and VOLUMES (data) of" if volumes
-                else "stop and remove the containers and networks of (an outage)")
+        what = (
+            "remove the containers, networks and VOLUMES (data) of"
+            if volumes
+            else "stop and remove the containers and networks of (an outage)"
+        )
         confirm(env.name, f"{what} {env.name}", yes=yes, stdin=stdin, out=out)
 
     def step(hs: HostSession) -> None:
@@ -146,13 +156,16 @@ def down(hosts: list[HostSession], volumes: bool = False, yes: bool = False,
         else:
             hs.say(f"{env.compose_project}: nothing was running; nothing to remove")
         if volumes:
-            hs.say(f"state directories (read-write bind mounts) in {env.env_dir}/shared are kept; "
-                   "remove them by hand if that is meant")
+            hs.say(
+                f"state directories (read-write bind mounts) in {env.env_dir}/shared are kept; "
+                "remove them by hand if that is meant"
+            )
 
     fan_out(hosts, step)
 
 
 # --- build --------------------------------------------------------------------------------
+
 
 def build(hosts: list[HostSession], services: list[str] = ()) -> None:
     env = hosts[0].env
@@ -169,21 +182,26 @@ def build(hosts: list[HostSession], services: list[str] = ()) -> None:
 
 # --- logs ---------------------------------------------------------------------------------
 
-def logs(hosts: list[HostSession], services: list[str] = (), follow: bool = False,
-         tail: int | None = None) -> None:
+
+def logs(hosts: list[HostSession], services: list[str] = (), follow: bool = False, tail: int | None = None) -> None:
     env = hosts[0].env
     services = validate_services(env, list(services))
 
     def step(hs: HostSession) -> None:
         # With -f a pty: on Ctrl+C the remote side hangs up and `logs -f` ends with it,
         # so no process is left behind on the host.
-        hs.runner.run(hs.compose().logs(services, follow=follow, tail=tail, timestamps=len(hosts) > 1),
-                      pty=follow, cwd=NEUTRAL_CWD, what="compose logs")
+        hs.runner.run(
+            hs.compose().logs(services, follow=follow, tail=tail, timestamps=len(hosts) > 1),
+            pty=follow,
+            cwd=NEUTRAL_CWD,
+            what="compose logs",
+        )
 
     fan_out(hosts, step)
 
 
 # --- status -------------------------------------------------------------------------------
+
 
 @dataclass
 class HostStatus:
@@ -191,7 +209,7 @@ class HostStatus:
     services: list[dict]
     error: str | None = None
     status: int = 0
-    refused: bool = False       # reached, but its host key (or trust files) refused
+    refused: bool = False  # reached, but its host key (or trust files) refused
 
     def as_dict(self) -> dict:
         d = {"host": self.host, "reachable": self.status != ExitStatus.CONNECTION}
@@ -204,13 +222,29 @@ class HostStatus:
 def _service_rows(ps: list[dict], known: list[str]) -> list[dict]:
     rows = []
     for c in sorted(ps, key=lambda c: (c.get("Service", ""), c.get("Name", ""))):
-        ports = sorted({f"{p['URL']}:{p['PublishedPort']}->{p['TargetPort']}/{p.get('Protocol', 'tcp')}"
-                        for p in c.get("Publishers") or [] if p.get("PublishedPort")})
-        rows.append({"service": c.get("Service"), "container": c.get("Name"), "state": c.get("State"),
-                     "health": c.get("Health") or "", "status": c.get("Status"), "ports": ports})
+        ports = sorted(
+            {
+                f"{p['URL']}:{p['PublishedPort']}->{p['TargetPort']}/{p.get('Protocol', 'tcp')}"
+                for p in c.get("Publishers") or []
+                if p.get("PublishedPort")
+            }
+        )
+        rows.append(
+            {
+                "service": c.get("Service"),
+                "container": c.get("Name"),
+                "state": c.get("State"),
+                "health": c.get("Health") or "",
+                "status": c.get("Status"),
+                "ports": ports,
+            }
+        )
     present = {r["service"] for r in rows}
-    rows += [{"service": s, "container": None, "state": "not created", "health": "", "status": "",
-              "ports": []} for s in known if s not in present]
+    rows += [
+        {"service": s, "container": None, "state": "not created", "health": "", "status": "", "ports": []}
+        for s in known
+        if s not in present
+    ]
     return rows
 
 
@@ -232,8 +266,11 @@ def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None 
 
     results = [o.value for o in fan_out(hosts, step, out=QUIET)]
     if as_json:
-        json.dump({"environment": env.name, "project": env.compose_project,
-                   "hosts": [r.as_dict() for r in results]}, out, indent=2)
+        json.dump(
+            {"environment": env.name, "project": env.compose_project, "hosts": [r.as_dict() for r in results]},
+            out,
+            indent=2,
+        )
         out.write("\n")
     else:
         for r in results:
@@ -272,15 +309,16 @@ def check(hosts: list[HostSession], out: IO[str] | None = None) -> None:
     out = out or hosts[0].out
 
     def step(hs: HostSession) -> None:
-        res = hs.runner.run(["sh", "-c", CHECK_SCRIPT, "deploy-check", env.remote_dir], echo=False,
-                            what="check")
+        res = hs.runner.run(["sh", "-c", CHECK_SCRIPT, "deploy-check", env.remote_dir], echo=False, what="check")
         if hs.dry_run:
             return
         facts = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
         kb, _, where = facts.get("disk", "0 ?").partition(" ")
         free_gib = int(kb or 0) / 1024 / 1024
-        hs.say(f"host key verified; docker engine {facts.get('docker', '?')}; compose "
-               f"{facts.get('compose', '?')}; {free_gib:.1f} GiB free at {where}")
+        hs.say(
+            f"host key verified; docker engine {facts.get('docker', '?')}; compose "
+            f"{facts.get('compose', '?')}; {free_gib:.1f} GiB free at {where}"
+        )
         problems = []
         if not facts.get("docker", "")[:1].isdigit():
             problems.append(f"docker engine not usable: {facts.get('docker')}")
@@ -296,20 +334,25 @@ def check(hosts: list[HostSession], out: IO[str] | None = None) -> None:
 
 # --- migrate and test: one-off containers of the app image ------------------------------
 
+
 def app_service(env: Environment) -> str:
     """The service whose image holds migrate.py and run_tests.py: the environment's
     `app_service`, else the first service the compose file builds."""
     services = rel.load_compose(env.compose_file)["services"]
     if env.app_service:
         if env.app_service not in services:
-            raise UsageError(f"{env.inventory_path}: environments.{env.name}.app_service: "
-                             f"'{env.app_service}' is not a service of {env.compose_file}")
+            raise UsageError(
+                f"{env.inventory_path}: environments.{env.name}.app_service: "
+                f"'{env.app_service}' is not a service of {env.compose_file}"
+            )
         return env.app_service
     for name, spec in services.items():
         if isinstance(spec, dict) and "build" in spec:
             return name
-    raise UsageError(f"{env.compose_file} builds no service, so there is no app image to run "
-                     "migrate.py and run_tests.py in", hint=f"set environments.{env.name}.app_service")
+    raise UsageError(
+        f"{env.compose_file} builds no service, so there is no app image to run migrate.py and run_tests.py in",
+        hint=f"set environments.{env.name}.app_service",
+    )
 
 
 def one_off_host(hosts: list[HostSession], role: str = "db") -> HostSession:
@@ -317,16 +360,22 @@ def one_off_host(hosts: list[HostSession], role: str = "db") -> HostSession:
     env = hosts[0].env
     db = env.db_hosts()
     if not db:
-        raise UsageError(f"environment '{env.name}' has several hosts and none has the '{role}' role",
-                         hint=f"add roles: [app, {role}] to the host that runs the database")
+        raise UsageError(
+            f"environment '{env.name}' has several hosts and none has the '{role}' role",
+            hint=f"add roles: [app, {role}] to the host that runs the database",
+        )
     if len(db) > 1:
-        raise UsageError(f"environment '{env.name}' has several hosts with the '{role}' role "
-                         f"({', '.join(h.label for h in db)}); migrations must run on exactly one")
+        raise UsageError(
+            f"environment '{env.name}' has several hosts with the '{role}' role "
+            f"({', '.join(h.label for h in db)}); migrations must run on exactly one"
+        )
     for hs in hosts:
         if hs.host == db[0]:
             return hs
-    raise UsageError(f"{', '.join(hs.name for hs in hosts)} is not the db host of '{env.name}' "
-                     f"({db[0].label} is)", hint=f"run it on {db[0].label}")
+    raise UsageError(
+        f"{', '.join(hs.name for hs in hosts)} is not the db host of '{env.name}' ({db[0].label} is)",
+        hint=f"run it on {db[0].label}",
+    )
 
 
 def _prepare_one_off(hs: HostSession, release: rel.Release, service: str):
@@ -354,12 +403,14 @@ def _one_off_name(env: Environment, what: str, step: str) -> str:
 
 def _one_off_outcome(what: str, rolled_back: str):
     """How an interrupted one-off (migrate, test) ended, for the operator's last line."""
+
     def outcome(res) -> str:
         if res is None:
             return f"the host did not confirm that {what} stopped; check `docker ps` there"
         if res.exited == 0:
             return f"{what} had already finished successfully before it could be stopped"
         return f"{what} was stopped on the host: {rolled_back}"
+
     return outcome
 
 
@@ -379,10 +430,18 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
         argv = ["python3", "migrate.py"] + (["--plan"] if plan else [])
         step_id = bk.new_step_id()
         name = _one_off_name(env, "migrate", step_id)
-        res = _run_one_off(hs, compose.run(service, argv, name=name, app_name=f"deploy-{step_id}"), step_id, name,
-                           "migrate.py",
-                           _one_off_outcome("the migration", "the migration in progress was rolled back; "
-                                            f"those before it stay applied (see `deploy {env.name} migrate --dry-run`)"))
+        res = _run_one_off(
+            hs,
+            compose.run(service, argv, name=name, app_name=f"deploy-{step_id}"),
+            step_id,
+            name,
+            "migrate.py",
+            _one_off_outcome(
+                "the migration",
+                "the migration in progress was rolled back; "
+                f"those before it stay applied (see `deploy {env.name} migrate --dry-run`)",
+            ),
+        )
         if res.exited == 0 and not plan and not hs.dry_run:
             # A rollback to a release deployed before this tells the operator that the
             # database stays migrated, and names this backup.
@@ -401,9 +460,13 @@ def _run_one_off(hs: HostSession, argv: list[str], step_id: str, container: str,
     if hs.dry_run:
         return hs.runner.run(argv)
     env = hs.env
-    return hs.runner.run_stoppable(argv, bk.stop_argv(env.env_dir, env.compose_project, env.db_service,
-                                                      step_id, container),
-                                   what=what, outcome=outcome, echo=True)
+    return hs.runner.run_stoppable(
+        argv,
+        bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step_id, container),
+        what=what,
+        outcome=outcome,
+        echo=True,
+    )
 
 
 def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
@@ -416,12 +479,18 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
 
     def step(hs: HostSession) -> int:
         if not hs.dry_run:
-            running = [c for c in parse_ps(hs.runner.run(hs.compose().ps(), echo=False, cwd=NEUTRAL_CWD,
-                                                         what="compose ps").stdout)
-                       if c.get("State") == "running"]
+            running = [
+                c
+                for c in parse_ps(
+                    hs.runner.run(hs.compose().ps(), echo=False, cwd=NEUTRAL_CWD, what="compose ps").stdout
+                )
+                if c.get("State") == "running"
+            ]
             if not running:
-                raise RemoteError(f"{hs.name}: the services of {env.compose_project} are not running; "
-                                  "nothing to test", hint=f"start them first: deploy {env.name} up -d")
+                raise RemoteError(
+                    f"{hs.name}: the services of {env.compose_project} are not running; nothing to test",
+                    hint=f"start them first: deploy {env.name} up -d",
+                )
         _, compose = _prepare_one_off(hs, release, app)
         argv = ["python3", "run_tests.py"]
         if service:
@@ -432,9 +501,14 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
             hs.say(f"{env.name} is protected: running the read-only subset only")
         step_id = bk.new_step_id()
         name = _one_off_name(env, "test", step_id)
-        res = _run_one_off(hs, compose.run(app, argv, name=name, app_name=f"deploy-{step_id}"), step_id, name,
-                           "run_tests.py",
-                           _one_off_outcome("the test run", "its container was removed"))
+        res = _run_one_off(
+            hs,
+            compose.run(app, argv, name=name, app_name=f"deploy-{step_id}"),
+            step_id,
+            name,
+            "run_tests.py",
+            _one_off_outcome("the test run", "its container was removed"),
+        )
         if res.exited == 0 or hs.dry_run:
             return 0
         if res.exited == 1:
@@ -448,6 +522,7 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
 
 
 # --- backup and restore -----------------------------------------------------------------
+
 
 def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | None = None) -> Path | None:
     """Dump on the db host, verify there, pull back, verify here, then apply retention."""
@@ -475,11 +550,11 @@ def _dump_outcome(res) -> str:
     return "the dump was stopped on the host and removed; no backup was kept"
 
 
-def _backup_locked(hs: HostSession, env: Environment, keep: int | None, report: "bk.Reporter") -> Path:
+def _backup_locked(hs: HostSession, env: Environment, keep: int | None, report: bk.Reporter) -> Path:
     """Take, verify and pull a backup; then apply retention (keep the `keep` newest),
     unless keep is None (a restore's safety backup: the file being restored may be the
     oldest one kept, and retention must not remove it)."""
-    created = datetime.now(timezone.utc)
+    created = datetime.now(UTC)
     directory = env.backup_dir
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     final = directory / bk.backup_name(env, bk.utc_stamp(created))
@@ -489,12 +564,17 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int | None, report: 
         final = directory / bk.backup_name(env, f"{bk.utc_stamp(created)}-{n}")
     report.line(f"backup {env.name}: dumping the {env.db_service} service's database on {hs.name}")
     step = bk.new_step_id()
-    res = hs.runner.run_stoppable(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, final.name, step),
-                                  bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
-                                  what="the dump", outcome=_dump_outcome)
+    res = hs.runner.run_stoppable(
+        bk.dump_argv(env.env_dir, env.compose_project, env.db_service, final.name, step),
+        bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
+        what="the dump",
+        outcome=_dump_outcome,
+    )
     if res.exited != 0:
-        raise RemoteError(f"{hs.name}: backup failed (exit {res.exited}): {last_line(res.stderr) or last_line(res.stdout)}; "
-                          "no backup was kept")
+        raise RemoteError(
+            f"{hs.name}: backup failed (exit {res.exited}): {last_line(res.stderr) or last_line(res.stdout)}; "
+            "no backup was kept"
+        )
     facts = bk.parse_facts(res.stdout)
     size, sha = int(facts["size"]), facts["sha256"]
     report.line(f"dump verified on the host (full pg_restore read): {bk.human(size)}, sha256 {sha[:16]}; pulling")
@@ -507,16 +587,26 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int | None, report: 
         return final
     # Retention only now that the new backup is known good, and never the new backup.
     removed = bk.prune_local(directory, env, keep, newest=final)
-    pruned = hs.runner.run(bk.prune_argv(env.env_dir, keep, bk.backup_prefix(env), final.name),
-                           echo=False, check=False, what="pruning")
+    pruned = hs.runner.run(
+        bk.prune_argv(env.env_dir, keep, bk.backup_prefix(env), final.name), echo=False, check=False, what="pruning"
+    )
     remote_removed = pruned.stdout.split()
     if removed or remote_removed:
-        report.line(f"retention (keep {keep}): removed {len(removed)} local and {len(remote_removed)} remote old backups")
+        report.line(
+            f"retention (keep {keep}): removed {len(removed)} local and {len(remote_removed)} remote old backups"
+        )
     return final
 
 
-def restore(hosts: list[HostSession], file: str | None = None, yes: bool = False, allow_other_env: bool = False,
-            stdin: IO[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None) -> None:
+def restore(
+    hosts: list[HostSession],
+    file: str | None = None,
+    yes: bool = False,
+    allow_other_env: bool = False,
+    stdin: IO[str] | None = None,
+    out: IO[str] | None = None,
+    err: IO[str] | None = None,
+) -> None:
     env = hosts[0].env
     hs = one_off_host(hosts)
     report = bk.Reporter(out or hs.out)
@@ -543,8 +633,10 @@ def _backup_to_restore(env: Environment, file: str | None) -> Path:
         return path
     found = bk.local_backups(env.backup_dir, env)
     if not found:
-        raise DeployError(f"no verified backup of '{env.name}' in {env.backup_dir}",
-                          hint=f"take one with `deploy {env.name} backup`, or pass --file PATH")
+        raise DeployError(
+            f"no verified backup of '{env.name}' in {env.backup_dir}",
+            hint=f"take one with `deploy {env.name} backup`, or pass --file PATH",
+        )
     return found[0].resolve()
 
 
@@ -552,8 +644,10 @@ def _restore_outcome(res) -> str:
     if res is not None and bk.COMMITTED in res.stdout:
         return "the restore had already committed before it could be stopped: the backup's data is in place"
     if res is None:
-        return ("the host did not confirm that the restore stopped; its single transaction commits "
-                "only at the end: check the database")
+        return (
+            "the host did not confirm that the restore stopped; its single transaction commits "
+            "only at the end: check the database"
+        )
     return "the restore was stopped on the host and its transaction rolled back: the database is as it was"
 
 
@@ -562,26 +656,40 @@ def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report) ->
     expected, manifest = bk.read_checksum(path)
     actual = bk.file_sha256(path)
     if expected is not None and actual != expected:
-        raise DeployError(f"{path}: checksum mismatch (sha256 {actual[:16]}…, expected {expected[:16]}…): "
-                          "the file is damaged; refusing to restore it, the database was not touched")
+        raise DeployError(
+            f"{path}: checksum mismatch (sha256 {actual[:16]}…, expected {expected[:16]}…): "
+            "the file is damaged; refusing to restore it, the database was not touched"
+        )
     source_env = manifest.get("environment")
     if source_env and source_env != env.name and env.protected and not allow_other_env:
-        raise UsageError(f"{path} is a backup of '{source_env}', not of '{env.name}'; refusing to restore it "
-                         f"into protected '{env.name}'", hint="pass --allow-other-env if that is really meant")
+        raise UsageError(
+            f"{path} is a backup of '{source_env}', not of '{env.name}'; refusing to restore it "
+            f"into protected '{env.name}'",
+            hint="pass --allow-other-env if that is really meant",
+        )
     if env.protected and not hs.dry_run:
         confirm(env.name, f"REPLACE the database of {env.name} with {path.name}", yes=yes, stdin=stdin, out=err)
-    report.line(f"restore {env.name}: {path} ({bk.human(path.stat().st_size)}, sha256 "
-                f"{'verified' if expected else 'not recorded; pg_restore will read it in full first'})")
+    report.line(
+        f"restore {env.name}: {path} ({bk.human(path.stat().st_size)}, sha256 "
+        f"{'verified' if expected else 'not recorded; pg_restore will read it in full first'})"
+    )
     step = bk.new_step_id()
     if hs.dry_run:
-        hs.runner.run(bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual,
-                                      f"{env.env_dir}/backups/.restore-XXXX.dump", step))
+        hs.runner.run(
+            bk.restore_argv(
+                env.env_dir,
+                env.compose_project,
+                env.db_service,
+                actual,
+                f"{env.env_dir}/backups/.restore-XXXX.dump",
+                step,
+            )
+        )
         return
     if env.protected:
         safety = _backup_locked(hs, env, None, report)
         report.line(f"safety backup of the current data: {safety}")
-    remote_dir = hs.runner.run(bk.resolve_dir_argv(env.env_dir), echo=False,
-                               what="preparing the upload").stdout.strip()
+    remote_dir = hs.runner.run(bk.resolve_dir_argv(env.env_dir), echo=False, what="preparing the upload").stdout.strip()
     remote_file = f"{remote_dir}/.restore-{step}.dump"
     size = path.stat().st_size
     started = time.monotonic()
@@ -590,7 +698,9 @@ def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report) ->
     res = hs.runner.run_stoppable(
         bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual, remote_file, step),
         bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
-        what="the restore", outcome=_restore_outcome)
+        what="the restore",
+        outcome=_restore_outcome,
+    )
     # The script's own lines about the services it stopped and started again.
     service_lines = ("stopping the services", "started again", "could not start again")
     for line in res.stderr.splitlines():

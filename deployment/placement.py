@@ -10,6 +10,7 @@ than one host would run is refused too.
 Pure functions over an Environment and a compose dict (release.load_compose): no I/O.
 Every error is a UsageError naming the inventory key or compose file to change.
 """
+
 from __future__ import annotations
 
 import re
@@ -51,11 +52,14 @@ def _check_mapping(env: Environment, services: list[str]) -> None:
     for role, wanted in (env.role_services or {}).items():
         for service in wanted:
             if service not in services:
-                raise UsageError(_one_line(
-                    f"{env.inventory_path}: environments.{env.name}.roles.{role}: {_s(service)} is not a "
-                    f"service of {env.compose_file} (services there: {_names(services)})"),
+                raise UsageError(
+                    _one_line(
+                        f"{env.inventory_path}: environments.{env.name}.roles.{role}: {_s(service)} is not a "
+                        f"service of {env.compose_file} (services there: {_names(services)})"
+                    ),
                     hint=f"fix the service name in environments.{env.name}.roles, or add the service "
-                         "to the compose file")
+                    "to the compose file",
+                )
 
 
 def services_for_host(env: Environment, host: Host, compose: dict) -> list[str]:
@@ -69,10 +73,13 @@ def services_for_host(env: Environment, host: Host, compose: dict) -> list[str]:
     for role in host.roles:
         if role not in env.role_services:
             # The inventory loader refuses this; an Environment built elsewhere may not.
-            raise UsageError(_one_line(
-                f"{env.inventory_path}: environments.{env.name}: host {host.label} has the role "
-                f"{_s(role)}, which environments.{env.name}.roles does not map to services "
-                f"(roles there: {_names(env.role_services)})"))
+            raise UsageError(
+                _one_line(
+                    f"{env.inventory_path}: environments.{env.name}: host {host.label} has the role "
+                    f"{_s(role)}, which environments.{env.name}.roles does not map to services "
+                    f"(roles there: {_names(env.role_services)})"
+                )
+            )
         wanted.update(env.role_services[role])
     return [s for s in services if s in wanted]
 
@@ -81,8 +88,9 @@ def hosts_for_service(env: Environment, service: str, compose: dict) -> tuple[Ho
     """The hosts of the environment that run `service`, in inventory order."""
     services = _services(compose)
     if service not in services:
-        raise UsageError(_one_line(f"unknown service {_s(service)} (services in {env.compose_file}: "
-                                   f"{_names(services)})"))
+        raise UsageError(
+            _one_line(f"unknown service {_s(service)} (services in {env.compose_file}: {_names(services)})")
+        )
     return tuple(h for h in env.hosts if service in services_for_host(env, h, compose))
 
 
@@ -104,8 +112,9 @@ def named_volume_services(env: Environment, compose: dict) -> dict[str, list[str
     if declared is None:
         declared = {}
     if not isinstance(declared, dict):
-        raise UsageError(_one_line(f"{env.compose_file}: volumes: must be a mapping of named volumes, "
-                                   f"not {type(declared).__name__}"))
+        raise UsageError(
+            _one_line(f"{env.compose_file}: volumes: must be a mapping of named volumes, not {type(declared).__name__}")
+        )
     services = compose["services"]
     direct: dict[str, list[str]] = {}
     borrows: dict[str, list[str]] = {}
@@ -115,7 +124,7 @@ def named_volume_services(env: Environment, compose: dict) -> dict[str, list[str
         found: list[str] = []
         for vol in svc.get("volumes") or ():
             if isinstance(vol, str):
-                source = vol.split(":", 1)[0] if ":" in vol else None      # "/path" alone: anonymous
+                source = vol.split(":", 1)[0] if ":" in vol else None  # "/path" alone: anonymous
             elif isinstance(vol, dict) and vol.get("type", "volume") == "volume":
                 source = vol.get("source")
             else:
@@ -171,14 +180,17 @@ def check_placement(env: Environment, compose: dict) -> None:
     if env.role_services is None:
         if len(env.hosts) < 2:
             return
-        raise UsageError(_one_line(
-            f"{env.inventory_path}: {where}: {len(env.hosts)} hosts ({_names(h.label for h in env.hosts)}) "
-            f"would each start their own copy of {_names(named)}, which keep{'s' if len(named) == 1 else ''} "
-            f"data in named volumes ({_volumes_of(named, named)} in {env.compose_file}); "
-            f"add roles: to {where}, e.g. roles: {example_roles(env, compose)}, and give one host "
-            f"the db role"),
+        raise UsageError(
+            _one_line(
+                f"{env.inventory_path}: {where}: {len(env.hosts)} hosts ({_names(h.label for h in env.hosts)}) "
+                f"would each start their own copy of {_names(named)}, which keep{'s' if len(named) == 1 else ''} "
+                f"data in named volumes ({_volumes_of(named, named)} in {env.compose_file}); "
+                f"add roles: to {where}, e.g. roles: {example_roles(env, compose)}, and give one host "
+                f"the db role"
+            ),
             hint="list the host whose volume holds the data as - {name: HOST, roles: [app, db]}; "
-                 "the others keep the role app (a host that lists no roles has it)")
+            "the others keep the role app (a host that lists no roles has it)",
+        )
     crowded = {s: hosts_for_service(env, s, compose) for s in named}
     crowded = {s: hosts for s, hosts in crowded.items() if len(hosts) > 1}
     if not crowded:
@@ -186,16 +198,22 @@ def check_placement(env: Environment, compose: dict) -> None:
     parts = []
     for service, hosts in crowded.items():
         roles = [r for r, wanted in env.role_services.items() if service in wanted]
-        parts.append(f"{_names(h.label for h in hosts)} would each start their own copy of {_s(service)}, which "
-                     f"keeps data in named volumes ({_names(named[service])} in {env.compose_file}; roles that "
-                     f"run it: {_names(roles)})")
-    raise UsageError(_one_line(
-        f"{env.inventory_path}: {where}: {'; '.join(parts)}; give a role that runs it to one host only, "
-        f"or move the service in {where}.roles to a role that only one host has"))
+        parts.append(
+            f"{_names(h.label for h in hosts)} would each start their own copy of {_s(service)}, which "
+            f"keeps data in named volumes ({_names(named[service])} in {env.compose_file}; roles that "
+            f"run it: {_names(roles)})"
+        )
+    raise UsageError(
+        _one_line(
+            f"{env.inventory_path}: {where}: {'; '.join(parts)}; give a role that runs it to one host only, "
+            f"or move the service in {where}.roles to a role that only one host has"
+        )
+    )
 
 
-def check_requested(env: Environment, compose: dict, requested: Iterable[str],
-                    hosts: Iterable[Host] | None = None) -> None:
+def check_requested(
+    env: Environment, compose: dict, requested: Iterable[str], hosts: Iterable[Host] | None = None
+) -> None:
     """Refuse a requested service (already known to be in the compose file) that none of
     `hosts` (default: all the environment's hosts) runs: `up SERVICE` would do nothing."""
     hosts = tuple(env.hosts if hosts is None else hosts)
@@ -203,7 +221,10 @@ def check_requested(env: Environment, compose: dict, requested: Iterable[str],
         if not any(service in services_for_host(env, h, compose) for h in hosts):
             runs = [h.label for h in env.hosts if service in services_for_host(env, h, compose)]
             roles = [r for r, wanted in (env.role_services or {}).items() if service in wanted]
-            raise UsageError(_one_line(
-                f"{_q(service)} runs on none of the selected hosts of {env.name} ({_names(h.label for h in hosts)}); "
-                f"it runs on {_names(runs)} (roles {_names(roles)} in "
-                f"{env.inventory_path}: environments.{env.name}.roles)"))
+            raise UsageError(
+                _one_line(
+                    f"{_q(service)} runs on none of the selected hosts of {env.name} ({_names(h.label for h in hosts)}); "
+                    f"it runs on {_names(runs)} (roles {_names(roles)} in "
+                    f"{env.inventory_path}: environments.{env.name}.roles)"
+                )
+            )

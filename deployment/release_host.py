@@ -17,6 +17,7 @@ spliced into the script text. They run with umask 077: what they create (the
 environment's directory, releases, the upload area) is the deploy user's alone, since a
 release holds the .env.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,9 @@ from .release import KEEP_RELEASES, STALE_MINUTES, Release
 # target). A removed release's image tags go with it (only the tool's own tags of that
 # release; an image a container still uses stays).
 _PRUNE = (
-    'prune() { '
-    '  cur=$(readlink current 2>/dev/null || :); cur=${cur#releases/}; '
-    '  prev=$(awk -v c="$cur" \'$2 != c { p = $2 } END { print p }\' deploys.log 2>/dev/null || :); '
+    "prune() { "
+    "  cur=$(readlink current 2>/dev/null || :); cur=${cur#releases/}; "
+    "  prev=$(awk -v c=\"$cur\" '$2 != c { p = $2 } END { print p }' deploys.log 2>/dev/null || :); "
     # Releases whose files a container still mounts (a service left on an older release
     # by `up SERVICE`) stay too: its bind mounts must outlive a restart.
     '  inuse=$(docker ps -aq --filter "label=com.docker.compose.project=$project" 2>/dev/null '
@@ -44,14 +45,14 @@ _PRUNE = (
     '    case $inuse in *"/releases/$old/"*|*"/releases/$old") continue ;; esac; '
     '    rm -rf "releases/$old" || continue; '
     '    docker images --format "{{.Repository}}:{{.Tag}}" --filter "reference=$project-*:$old" '
-    '      | xargs -r docker rmi >/dev/null 2>&1 || :; '
+    "      | xargs -r docker rmi >/dev/null 2>&1 || :; "
     '    echo "pruned $old"; done; }; '
 )
 
 # State directories ($@: pairs of a path under shared/ and the release's seed of it, or
 # ""): made and seeded from the release the first time only, never overwritten after.
 _SEED = (
-    'seed() { while [ $# -ge 2 ]; do s=$1; r=$2; shift 2; '
+    "seed() { while [ $# -ge 2 ]; do s=$1; r=$2; shift 2; "
     '  if [ ! -e "shared/$s" ]; then '
     '    mkdir -p "shared/$s"; rmdir "shared/$s"; '
     '    if [ -n "$r" ] && [ -d "releases/$id/$r" ]; then cp -a "releases/$id/$r" "shared/$s"; '
@@ -65,10 +66,10 @@ PREPARE_SCRIPT = EXPAND_DIR + (
     # What a lost connection left behind (an upload, which holds the .env, or a staging
     # directory) goes once it is an hour old. A concurrent run's upload is being written
     # or installed right now, so it is younger and stays.
-    'find .incoming releases -mindepth 1 -maxdepth 1 -mmin +' + str(STALE_MINUTES) + ' '
+    "find .incoming releases -mindepth 1 -maxdepth 1 -mmin +" + str(STALE_MINUTES) + " "
     '\\( -path ".incoming/*" -o -name ".*" \\) -exec rm -rf {} + 2>/dev/null || :; '
-    + _SEED +
-    'if [ -f "releases/$id/.release-complete" ]; then echo "present $PWD"; seed "$@"; '
+    + _SEED
+    + 'if [ -f "releases/$id/.release-complete" ]; then echo "present $PWD"; seed "$@"; '
     # (chmod: an upload area made by an older version of the tool may be wider.)
     'else chmod 700 .incoming; echo "missing $PWD"; fi; '
     'cur=$(readlink current 2>/dev/null || :); echo "current ${cur#releases/}"; '
@@ -93,8 +94,7 @@ INSTALL_SCRIPT = EXPAND_DIR + (
     # container reading a bind mount, may run as another user. The .env is a 0600 member,
     # which tar creates 0600.
     '(umask 022 && tar -xzf "$upload" -C "$tmp"); touch "$tmp/.release-complete"; '
-    'mv -T "$tmp" "releases/$id" 2>/dev/null || rm -rf "$tmp"; '
-    + _SEED + _PRUNE + 'seed "$@"; prune'
+    'mv -T "$tmp" "releases/$id" 2>/dev/null || rm -rf "$tmp"; ' + _SEED + _PRUNE + 'seed "$@"; prune'
 )
 
 # After an `up` of release $2 succeeded: record who deployed it ($5, one JSON line), the
@@ -109,8 +109,7 @@ MARK_UP_SCRIPT = EXPAND_DIR + (
     '(cd / && docker compose -p "$project" ps -q) | xargs -r docker inspect -f '
     '\'{{index .Config.Labels "com.docker.compose.service"}} {{.Image}}\' > "releases/$id/.ran" || :; '
     'ln -sfn "releases/$id" ".current.$$" && mv -T ".current.$$" current; '
-    'printf "%s %s\\n" "$(date +%s)" "$id" >> deploys.log; touch "releases/$id"; '
-    + _PRUNE + 'prune'
+    'printf "%s %s\\n" "$(date +%s)" "$id" >> deploys.log; touch "releases/$id"; ' + _PRUNE + "prune"
 )
 
 # Everything `releases` and `rollback` need, in one round trip.
@@ -122,7 +121,7 @@ LIST_SCRIPT = EXPAND_DIR + (
     '  [ ! -f "$r/.ran" ] || sed "s/^/ran $id /" "$r/.ran"; '
     '  [ ! -f "$r/.deploy-images" ] || sed "s/^/wants $id /" "$r/.deploy-images"; '
     '  if [ -f "$r/.deploy-layout" ]; then printf "layout %s " "$id"; head -n 1 "$r/.deploy-layout"; fi; '
-    'done; '
+    "done; "
     'docker images --format "image {{.Repository}}:{{.Tag}} {{.ID}}" --filter "reference=$2-*"; '
     '[ ! -f migrations.log ] || tail -n 1000 migrations.log | sed "s/^/migration /"'
 )
@@ -146,19 +145,49 @@ def prepare_argv(env_dir: str, release: Release, with_ps: bool = False) -> list[
     """Print 'present|missing <abs env dir>', 'current <id>', the release's images on the
     host ('image <tag> <id>'), then, with_ps and a release brought up before, 'up-ids ...'
     and `compose ps` JSON. Makes the release's state directories if it is present."""
-    return ["sh", "-c", PREPARE_SCRIPT, "deploy-prepare", env_dir, release.id, release.project,
-            "ps" if with_ps else "", *_state_args(release)]
+    return [
+        "sh",
+        "-c",
+        PREPARE_SCRIPT,
+        "deploy-prepare",
+        env_dir,
+        release.id,
+        release.project,
+        "ps" if with_ps else "",
+        *_state_args(release),
+    ]
 
 
 def install_argv(env_dir: str, release: Release, upload: str, keep: int = KEEP_RELEASES) -> list[str]:
-    return ["sh", "-c", INSTALL_SCRIPT, "deploy-install", env_dir, release.id, upload, str(int(keep)),
-            release.project, *_state_args(release)]
+    return [
+        "sh",
+        "-c",
+        INSTALL_SCRIPT,
+        "deploy-install",
+        env_dir,
+        release.id,
+        upload,
+        str(int(keep)),
+        release.project,
+        *_state_args(release),
+    ]
 
 
-def mark_up_argv(env_dir: str, release_id: str, project: str, record: dict, whole_stack: bool,
-                 keep: int = KEEP_RELEASES) -> list[str]:
-    return ["sh", "-c", MARK_UP_SCRIPT, "deploy-mark-up", env_dir, release_id, project, str(int(keep)),
-            json.dumps(record, separators=(",", ":"), sort_keys=True), "1" if whole_stack else ""]
+def mark_up_argv(
+    env_dir: str, release_id: str, project: str, record: dict, whole_stack: bool, keep: int = KEEP_RELEASES
+) -> list[str]:
+    return [
+        "sh",
+        "-c",
+        MARK_UP_SCRIPT,
+        "deploy-mark-up",
+        env_dir,
+        release_id,
+        project,
+        str(int(keep)),
+        json.dumps(record, separators=(",", ":"), sort_keys=True),
+        "1" if whole_stack else "",
+    ]
 
 
 def list_argv(env_dir: str, project: str) -> list[str]:
@@ -166,8 +195,14 @@ def list_argv(env_dir: str, project: str) -> list[str]:
 
 
 def migrated_argv(env_dir: str, record: dict) -> list[str]:
-    return ["sh", "-c", MIGRATED_SCRIPT, "deploy-migrated", env_dir,
-            json.dumps(record, separators=(",", ":"), sort_keys=True)]
+    return [
+        "sh",
+        "-c",
+        MIGRATED_SCRIPT,
+        "deploy-migrated",
+        env_dir,
+        json.dumps(record, separators=(",", ":"), sort_keys=True),
+    ]
 
 
 def upload_path(abs_env_dir: str, release_id: str, nonce: str) -> str:
@@ -176,25 +211,30 @@ def upload_path(abs_env_dir: str, release_id: str, nonce: str) -> str:
 
 # --- what the listing says ------------------------------------------------------------------
 
+
 @dataclass
 class HostRelease:
     id: str
-    installed: int                              # epoch seconds: installed or last brought up
-    deployed: dict | None = None                # .deployed: at, by, machine, commit, dirty
-    ran: dict[str, str] = field(default_factory=dict)     # service -> image ID
-    wants: list[str] = field(default_factory=list)        # the image tags it builds
+    installed: int  # epoch seconds: installed or last brought up
+    deployed: dict | None = None  # .deployed: at, by, machine, commit, dirty
+    ran: dict[str, str] = field(default_factory=dict)  # service -> image ID
+    wants: list[str] = field(default_factory=list)  # the image tags it builds
     current: bool = False
     images_present: bool = True
     missing_images: list[str] = field(default_factory=list)
-    layout: dict = field(default_factory=dict)    # compose, env, override: paths in the release
+    layout: dict = field(default_factory=dict)  # compose, env, override: paths in the release
 
     @property
     def deployed_at(self) -> str:
         return (self.deployed or {}).get("at", "")
 
     def as_dict(self) -> dict:
-        d = {"id": self.id, "current": self.current, "images_present": self.images_present,
-             "deployed_at": self.deployed_at or None}
+        d = {
+            "id": self.id,
+            "current": self.current,
+            "images_present": self.images_present,
+            "deployed_at": self.deployed_at or None,
+        }
         for key in ("by", "machine", "commit", "dirty"):
             d[key] = (self.deployed or {}).get(key)
         d["images"] = self.ran
@@ -204,7 +244,7 @@ class HostRelease:
 @dataclass
 class HostListing:
     current: str
-    releases: list[HostRelease]                 # newest first
+    releases: list[HostRelease]  # newest first
     migrations: list[dict]
 
     def find(self, prefix: str) -> list[HostRelease]:
@@ -212,8 +252,9 @@ class HostListing:
 
     def previous(self) -> HostRelease | None:
         """The release deployed most recently before the current one (the rollback target)."""
-        deployed = sorted((r for r in self.releases if r.deployed and not r.current),
-                          key=lambda r: r.deployed_at, reverse=True)
+        deployed = sorted(
+            (r for r in self.releases if r.deployed and not r.current), key=lambda r: r.deployed_at, reverse=True
+        )
         return deployed[0] if deployed else None
 
 

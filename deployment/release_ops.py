@@ -1,5 +1,6 @@
 """`releases` and `rollback`: what each host keeps, and going back to an earlier release
 with its own images (nothing uploaded, nothing built), health-gated like `up -d`."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,7 @@ from .ui import confirm
 
 
 def _listing(hs: HostSession) -> rh.HostListing:
-    res = hs.runner.run(rh.list_argv(hs.env.env_dir, hs.env.compose_project), echo=False,
-                        what="listing the releases")
+    res = hs.runner.run(rh.list_argv(hs.env.env_dir, hs.env.compose_project), echo=False, what="listing the releases")
     return rh.parse_listing(res.stdout)
 
 
@@ -31,10 +31,22 @@ def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | Non
         return
     listings = fan_out(hosts, _listing, out=QUIET)
     if as_json:
-        json.dump({"environment": env.name, "project": env.compose_project,
-                   "hosts": [{"host": o.host, "current": o.value.current or None,
-                              "releases": [r.as_dict() for r in o.value.releases]} for o in listings]},
-                  out, indent=2)
+        json.dump(
+            {
+                "environment": env.name,
+                "project": env.compose_project,
+                "hosts": [
+                    {
+                        "host": o.host,
+                        "current": o.value.current or None,
+                        "releases": [r.as_dict() for r in o.value.releases],
+                    }
+                    for o in listings
+                ],
+            },
+            out,
+            indent=2,
+        )
         out.write("\n")
         return
     for o in listings:
@@ -47,16 +59,29 @@ def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | Non
             d = r.deployed or {}
             commit = (d.get("commit") or "")[:12] + (" dirty" if d.get("dirty") else "") if d.get("commit") else "-"
             by = f"{d.get('by', '?')}@{d.get('machine', '?')}" if d else "-"
-            rows.append(["*" if r.current else "", r.id, r.deployed_at or "never (not up yet)", by, commit,
-                         "present" if r.images_present else "GONE"])
+            rows.append(
+                [
+                    "*" if r.current else "",
+                    r.id,
+                    r.deployed_at or "never (not up yet)",
+                    by,
+                    commit,
+                    "present" if r.images_present else "GONE",
+                ]
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             out.write("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
     out.flush()
 
 
-def rollback(hosts: list[HostSession], target: str | None = None, yes: bool = False,
-             stdin: IO[str] | None = None, err: IO[str] | None = None) -> None:
+def rollback(
+    hosts: list[HostSession],
+    target: str | None = None,
+    yes: bool = False,
+    stdin: IO[str] | None = None,
+    err: IO[str] | None = None,
+) -> None:
     """Bring up the release before `current` (or `target`, an id or unique prefix) with its
     own images, on every host; `current` switches only once it is up and healthy."""
     env = hosts[0].env
@@ -65,8 +90,10 @@ def rollback(hosts: list[HostSession], target: str | None = None, yes: bool = Fa
     if hosts[0].dry_run:
         for hs in hosts:
             hs.runner.run(rh.list_argv(env.env_dir, env.compose_project))
-            hs.say(f"then: compose up -d --wait --no-build of release {target or '<the one before current>'} "
-                   "from releases/<id>, and switch current to it")
+            hs.say(
+                f"then: compose up -d --wait --no-build of release {target or '<the one before current>'} "
+                "from releases/<id>, and switch current to it"
+            )
         return
     # A host starts only its roles' services, as `up` does (never a second database).
     compose_spec = rel.load_compose(env.compose_file)
@@ -75,20 +102,30 @@ def rollback(hosts: list[HostSession], target: str | None = None, yes: bool = Fa
     plans = {o.host: o.value for o in fan_out(hosts, lambda hs: _plan(hs, target), out=QUIET)}
     if env.protected:
         ids = sorted({p[0].id for p in plans.values()})
-        confirm(env.name, f"roll {env.name} back to release {', '.join(ids)}", yes=yes, stdin=stdin,
-                out=err or hosts[0].err)
+        confirm(
+            env.name, f"roll {env.name} back to release {', '.join(ids)}", yes=yes, stdin=stdin, out=err or hosts[0].err
+        )
 
     def step(hs: HostSession) -> None:
         release, listing = plans[hs.name]
         base = f"{hs.env.env_dir}/releases/{release.id}"
-        compose = Compose(env.compose_project, f"{base}/{release.layout['compose']}",
-                          f"{base}/{release.layout['env']}", f"{base}/{release.layout['override']}")
-        hs.say(f"rolling back from release {listing.current or '(none)'} to {release.id} "
-               f"(deployed {release.deployed_at or 'never'}); nothing is uploaded or built")
+        compose = Compose(
+            env.compose_project,
+            f"{base}/{release.layout['compose']}",
+            f"{base}/{release.layout['env']}",
+            f"{base}/{release.layout['override']}",
+        )
+        hs.say(
+            f"rolling back from release {listing.current or '(none)'} to {release.id} "
+            f"(deployed {release.deployed_at or 'never'}); nothing is uploaded or built"
+        )
         mine = placement.services_to_start(env, hs.host, compose_spec)
         whole = mine == list(compose_spec["services"])
-        res = hs.runner.run(compose.up([] if whole else mine, detach=True, no_build=True, no_deps=not whole),
-                            check=False, what="compose up")
+        res = hs.runner.run(
+            compose.up([] if whole else mine, detach=True, no_build=True, no_deps=not whole),
+            check=False,
+            what="compose up",
+        )
         if res.exited != 0:
             explain_failed_start(hs, compose, res, listing.current)
         mark_up(hs.runner, env, release.id, f"rollback {release.id}", whole_stack=whole)
@@ -103,27 +140,37 @@ def _plan(hs: HostSession, target: str | None) -> tuple[rh.HostRelease, rh.HostL
     if target:
         found = listing.find(target)
         if not found:
-            raise UsageError(f"{hs.name}: no release {target!r} is kept on this host "
-                             f"(kept: {', '.join(r.id for r in listing.releases) or 'none'})",
-                             hint=f"deploy {hs.env.name} releases")
+            raise UsageError(
+                f"{hs.name}: no release {target!r} is kept on this host "
+                f"(kept: {', '.join(r.id for r in listing.releases) or 'none'})",
+                hint=f"deploy {hs.env.name} releases",
+            )
         if len(found) > 1:
-            raise UsageError(f"{hs.name}: {target!r} is the start of several releases "
-                             f"({', '.join(r.id for r in found)}); give more of the id")
+            raise UsageError(
+                f"{hs.name}: {target!r} is the start of several releases "
+                f"({', '.join(r.id for r in found)}); give more of the id"
+            )
         release = found[0]
     else:
         release = listing.previous()
         if release is None:
-            raise DeployError(f"{hs.name}: no earlier release to roll back to "
-                              f"(current: {listing.current or 'none'})", hint=f"deploy {hs.env.name} releases")
+            raise DeployError(
+                f"{hs.name}: no earlier release to roll back to (current: {listing.current or 'none'})",
+                hint=f"deploy {hs.env.name} releases",
+            )
     if release.current:
         raise UsageError(f"{hs.name}: release {release.id} is already current")
     if not {"compose", "env", "override"} <= set(release.layout):
-        raise RemoteError(f"{hs.name}: release {release.id} was installed by an older version of the tool and "
-                          "cannot be brought up again as it was; nothing was changed")
+        raise RemoteError(
+            f"{hs.name}: release {release.id} was installed by an older version of the tool and "
+            "cannot be brought up again as it was; nothing was changed"
+        )
     if not release.images_present:
-        raise RemoteError(f"{hs.name}: the images of release {release.id} are gone from this host "
-                          f"({', '.join(release.missing_images)}); nothing was changed",
-                          hint=f"deploy that code again: `deploy {hs.env.name} up -d` from its commit")
+        raise RemoteError(
+            f"{hs.name}: the images of release {release.id} are gone from this host "
+            f"({', '.join(release.missing_images)}); nothing was changed",
+            hint=f"deploy that code again: `deploy {hs.env.name} up -d` from its commit",
+        )
     return release, listing
 
 
@@ -135,11 +182,14 @@ def _warn_about_migrations(hs: HostSession, release: rh.HostRelease, listing: rh
     if not later:
         return
     first = min(later, key=lambda m: m["at"])
-    hs.say(f"warning: the database was NOT rolled back: migrate ran {len(later)} time(s) after release "
-           f"{release.id} was deployed (first at {first['at']}, from release {first.get('release', '?')})")
+    hs.say(
+        f"warning: the database was NOT rolled back: migrate ran {len(later)} time(s) after release "
+        f"{release.id} was deployed (first at {first['at']}, from release {first.get('release', '?')})"
+    )
     backups = [m["backup"] for m in sorted(later, key=lambda m: m["at"]) if m.get("backup")]
     if backups and backups[0]:
-        hs.say(f"the backup taken before those migrations: {backups[0]} "
-               f"(deploy {hs.env.name} restore --file {backups[0]})")
+        hs.say(
+            f"the backup taken before those migrations: {backups[0]} (deploy {hs.env.name} restore --file {backups[0]})"
+        )
     else:
         hs.say("no backup was taken before those migrations (migrate backs up first on protected environments)")

@@ -2,6 +2,7 @@
 
 The one place where a command is turned into a string (shlex.join) and executed.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -21,7 +22,6 @@ from paramiko.buffered_pipe import PipeTimeout
 from paramiko.ssh_exception import SSHException
 
 from .errors import ConnectError, RemoteError, StepInterrupted, deferred_interrupts, shielded_from_interrupts
-
 
 # Set when Ctrl+C was forwarded to a remote pty. Invoke then waits for the remote
 # command to end (compose stops the services cleanly) and returns its exit code as if
@@ -180,9 +180,16 @@ class LineWriter:
 class HostRunner:
     """Runs commands on one host through an open Connection."""
 
-    def __init__(self, name: str, conn: fabric.Connection, command_timeout: float | None = None,
-                 prefix: str = "", stdout: IO[str] | None = None, stderr: IO[str] | None = None,
-                 verbose: bool = False):
+    def __init__(
+        self,
+        name: str,
+        conn: fabric.Connection,
+        command_timeout: float | None = None,
+        prefix: str = "",
+        stdout: IO[str] | None = None,
+        stderr: IO[str] | None = None,
+        verbose: bool = False,
+    ):
         self.name = name
         self.verbose = verbose
         self.conn = conn
@@ -191,8 +198,17 @@ class HostRunner:
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
 
-    def run(self, argv: list[str], *, echo: bool = True, check: bool = True, pty: bool = False,
-            timeout: float | None = None, what: str | None = None, cwd: str | None = None) -> Result:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        echo: bool = True,
+        check: bool = True,
+        pty: bool = False,
+        timeout: float | None = None,
+        what: str | None = None,
+        cwd: str | None = None,
+    ) -> Result:
         """Run argv; stream its output when echo, always capture it. Raise RemoteError if check and it fails."""
         command = self._command(argv, cwd)
         if not echo and not pty:
@@ -201,8 +217,10 @@ class HostRunner:
             result = self._stream(command, echo, pty, timeout or self.command_timeout, what or argv[0])
         if check and not result.ok:
             detail = last_line(result.stderr) or last_line(result.stdout)
-            raise RemoteError(f"{self.name}: {what or shlex.join(argv[:3])} failed (exit {result.exited})"
-                              + (f": {detail}" if detail else ""))
+            raise RemoteError(
+                f"{self.name}: {what or shlex.join(argv[:3])} failed (exit {result.exited})"
+                + (f": {detail}" if detail else "")
+            )
         return result
 
     def _command(self, argv: list[str], cwd: str | None = None) -> str:
@@ -212,16 +230,19 @@ class HostRunner:
         return command
 
     def _timed_out(self, what: str, timeout: float) -> RemoteError:
-        return RemoteError(f"{self.name}: {what} did not finish within {timeout:g} s (command timeout)",
-                           hint="raise command_timeout in hosts.yaml if it is expected")
+        return RemoteError(
+            f"{self.name}: {what} did not finish within {timeout:g} s (command timeout)",
+            hint="raise command_timeout in hosts.yaml if it is expected",
+        )
 
     def _stream(self, command: str, echo: bool, pty: bool, timeout: float | None, what: str) -> Result:
         """Run through Fabric/invoke, streaming output line by line (and a pty when asked)."""
         out = LineWriter(self.stdout, self.prefix) if echo else None
         err = LineWriter(self.stderr, self.prefix) if echo else None
         try:
-            res = self.conn.run(command, warn=True, hide=True, pty=pty, in_stream=False,
-                                out_stream=out, err_stream=err, timeout=timeout)
+            res = self.conn.run(
+                command, warn=True, hide=True, pty=pty, in_stream=False, out_stream=out, err_stream=err, timeout=timeout
+            )
         except CommandTimedOut as exc:
             raise self._timed_out(what, exc.timeout) from None
         except (OSError, EOFError, SSHException) as exc:
@@ -245,8 +266,7 @@ class HostRunner:
             chan.settimeout(timeout)
             chan.exec_command(command)
             err_chunks: list[bytes] = []
-            drain = threading.Thread(target=lambda: err_chunks.append(chan.makefile_stderr("rb").read()),
-                                     daemon=True)
+            drain = threading.Thread(target=lambda: err_chunks.append(chan.makefile_stderr("rb").read()), daemon=True)
             drain.start()
             out = chan.makefile("rb").read()
             drain.join(timeout)
@@ -260,8 +280,9 @@ class HostRunner:
             raise KeyboardInterrupt
         return Result(status, out.decode(errors="replace"), b"".join(err_chunks).decode(errors="replace"))
 
-    def run_stoppable(self, argv: list[str], stop_argv: list[str], *, what: str,
-                      outcome=None, echo: bool = False) -> Result:
+    def run_stoppable(
+        self, argv: list[str], stop_argv: list[str], *, what: str, outcome=None, echo: bool = False
+    ) -> Result:
         """Run a step that changes or reads data (a restore, a dump, a migration) quietly,
         and if the operator interrupts it (Ctrl+C, SIGTERM, SIGHUP), stop it on the host
         with stop_argv over the same connection, wait for it to end, and raise
@@ -284,9 +305,11 @@ class HostRunner:
                 # Past the command timeout the step is stopped on the host too: it must not
                 # go on (and commit) unseen after the tool has reported a failure.
                 stopped = self._stop_step(chan, drain, out, err, stop_argv, what, outcome)
-                raise RemoteError(f"{self.name}: {what} did not finish within {self.command_timeout:g} s "
-                                  f"(command timeout); {stopped}",
-                                  hint="raise command_timeout in hosts.yaml if it is expected") from None
+                raise RemoteError(
+                    f"{self.name}: {what} did not finish within {self.command_timeout:g} s "
+                    f"(command timeout); {stopped}",
+                    hint="raise command_timeout in hosts.yaml if it is expected",
+                ) from None
             drain.join(self.command_timeout)
             status = chan.recv_exit_status()
             chan.close()
@@ -303,8 +326,9 @@ class HostRunner:
         """Stop the step on the host, wait for it to end, and say what became of it."""
         say = LineWriter(self.stderr, self.prefix)
         say.write(f"{self.name}: stopping {what} on the host and waiting for it to end\n")
-        with shielded_from_interrupts(lambda: say.write(f"{self.name}: still stopping {what}; "
-                                                          "waiting for the host to confirm\n")):
+        with shielded_from_interrupts(
+            lambda: say.write(f"{self.name}: still stopping {what}; waiting for the host to confirm\n")
+        ):
             result = None
             try:
                 self._capture(command_line(stop_argv), 30, f"stopping {what}")
@@ -329,7 +353,7 @@ class HostRunner:
         command = self._command(argv)
         try:
             chan = self.conn.transport.open_session(window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET)
-            chan.in_buffer = ChunkBuffer()     # before exec: no data can have arrived yet
+            chan.in_buffer = ChunkBuffer()  # before exec: no data can have arrived yet
             chan.settimeout(self.command_timeout)
             chan.exec_command(command)
             while True:
@@ -343,10 +367,14 @@ class HostRunner:
                 err += chan.recv_stderr(65536)
             chan.close()
         except (OSError, EOFError, SSHException) as exc:
-            raise ConnectError(f"{self.name}: connection lost during {what or argv[0]}: {exc or type(exc).__name__}") from None
+            raise ConnectError(
+                f"{self.name}: connection lost during {what or argv[0]}: {exc or type(exc).__name__}"
+            ) from None
         if status != 0:
             detail = last_line(err.decode(errors="replace")) or ("connection closed" if status == -1 else "")
-            raise RemoteError(f"{self.name}: {what or argv[0]} failed (exit {status})" + (f": {detail}" if detail else ""))
+            raise RemoteError(
+                f"{self.name}: {what or argv[0]} failed (exit {status})" + (f": {detail}" if detail else "")
+            )
 
     def put_file(self, local_path: str, remote_path: str, progress=None, mode: int = 0o600) -> None:
         """Upload a local file over SFTP to a path, calling progress(bytes_done)."""
@@ -366,12 +394,13 @@ class HostRunner:
         created = False
         try:
             with deferred_interrupts() as interrupts:
-                sftp = paramiko.SFTPClient.from_transport(self.conn.transport, window_size=STREAM_WINDOW,
-                                                          max_packet_size=STREAM_PACKET)
+                sftp = paramiko.SFTPClient.from_transport(
+                    self.conn.transport, window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET
+                )
                 sftp.get_channel().settimeout(self.command_timeout)
                 with _create(sftp, remote_path, mode) as dst:
                     created = True
-                    dst.MAX_REQUEST_SIZE = SFTP_REQUEST    # sftp-server takes messages up to 256 KiB
+                    dst.MAX_REQUEST_SIZE = SFTP_REQUEST  # sftp-server takes messages up to 256 KiB
                     dst.set_pipelined(True)
                     while chunk := src.read(STREAM_CHUNK):
                         dst.write(chunk)
@@ -398,6 +427,7 @@ def _create(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFil
     default mode (0644 after sftp-server's umask) and a chmod could only narrow it
     afterwards; here the OPEN request itself carries the mode."""
     from paramiko.sftp import CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_WRITE, SFTPError
+
     attrs = paramiko.SFTPAttributes()
     attrs.st_mode = mode
     t, msg = sftp._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)

@@ -1,11 +1,13 @@
 """One invocation's hosts: one connection per host, opened lazily, reused for every step,
 and the fan-out that runs a step on several hosts in parallel with prefixed output."""
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Callable
+from typing import IO
 
 from . import release as rel
 from . import ssh
@@ -53,11 +55,16 @@ class HostSession:
             if self.dry_run:
                 self._runner = DryRunner(self.name, self.out, self.prefix)
             else:
-                self._conn = ssh.open_connection(self.host, ssh.SSHPolicy.for_environment(self.env),
-                                                 warn=self.warn)
-                self._runner = HostRunner(self.name, self._conn, self.env.command_timeout,
-                                          prefix=self.prefix, stdout=self.out, stderr=self.err,
-                                          verbose=self.verbose)
+                self._conn = ssh.open_connection(self.host, ssh.SSHPolicy.for_environment(self.env), warn=self.warn)
+                self._runner = HostRunner(
+                    self.name,
+                    self._conn,
+                    self.env.command_timeout,
+                    prefix=self.prefix,
+                    stdout=self.out,
+                    stderr=self.err,
+                    verbose=self.verbose,
+                )
         return self._runner
 
     def say(self, msg: str) -> None:
@@ -69,8 +76,10 @@ class HostSession:
 
     def sync(self, release: rel.Release, with_ps: bool = False) -> Deployed:
         if self.dry_run:
-            self.say(f"sync release {release.id} ({len(release.files) + 1} files) to "
-                     f"{self.env.env_dir}/releases/{release.id} unless the host has it")
+            self.say(
+                f"sync release {release.id} ({len(release.files) + 1} files) to "
+                f"{self.env.env_dir}/releases/{release.id} unless the host has it"
+            )
             if self.verbose:
                 # What the release would ship, as paths in the release, one a line.
                 for path, _ in release.files:
@@ -119,18 +128,35 @@ class Outcome:
     value: object = None
 
 
-def sessions(env: Environment, hosts: tuple[Host, ...] | None = None, *, dry_run: bool = False,
-             verbose: bool = False, out: IO[str] | None = None, err: IO[str] | None = None) -> list[HostSession]:
+def sessions(
+    env: Environment,
+    hosts: tuple[Host, ...] | None = None,
+    *,
+    dry_run: bool = False,
+    verbose: bool = False,
+    out: IO[str] | None = None,
+    err: IO[str] | None = None,
+) -> list[HostSession]:
     hosts = hosts or env.hosts
     width = max(len(h.label) for h in hosts)
     prefixed = len(hosts) > 1
-    return [HostSession(env, h, dry_run=dry_run, verbose=verbose,
-                        prefix=f"{h.label:<{width}} | " if prefixed else "",
-                        out=out or sys.stdout, err=err or sys.stderr) for h in hosts]
+    return [
+        HostSession(
+            env,
+            h,
+            dry_run=dry_run,
+            verbose=verbose,
+            prefix=f"{h.label:<{width}} | " if prefixed else "",
+            out=out or sys.stdout,
+            err=err or sys.stderr,
+        )
+        for h in hosts
+    ]
 
 
-def fan_out(hosts: list[HostSession], step: Callable[[HostSession], object],
-            out: IO[str] | None = None) -> list[Outcome]:
+def fan_out(
+    hosts: list[HostSession], step: Callable[[HostSession], object], out: IO[str] | None = None
+) -> list[Outcome]:
     """Run step on every host (in parallel when there are several). Connections stay open
     for the invocation's next step (one connection per host per invocation); the caller
     closes them at the end.
@@ -170,7 +196,9 @@ def fan_out(hosts: list[HostSession], step: Callable[[HostSession], object],
     if failed:
         worst = max(failed, key=lambda o: (o.status == ExitStatus.CONNECTION, o.status))
         exc = DeployError(f"{len(failed)} of {len(outcomes)} hosts failed (first: {failed[0].host})")
-        exc.status = ExitStatus(worst.status) if worst.status in ExitStatus._value2member_map_ else ExitStatus.REMOTE_FAILED
+        exc.status = (
+            ExitStatus(worst.status) if worst.status in ExitStatus._value2member_map_ else ExitStatus.REMOTE_FAILED
+        )
         exc.outcomes = outcomes
         raise exc
     return outcomes

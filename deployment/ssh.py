@@ -14,6 +14,7 @@ Policy, in one place:
 - connect, banner, auth and channel timeouts, and a keepalive once connected;
 - one connection per host per invocation: callers keep the Connection and reuse it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,16 +25,22 @@ import re
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import fabric
 import paramiko
 from paramiko.config import SSHConfig
 from paramiko.hostkeys import HostKeyEntry
-from paramiko.ssh_exception import (AuthenticationException, BadHostKeyException, ConfigParseError,
-                                    CouldNotCanonicalize, NoValidConnectionsError, SSHException)
+from paramiko.ssh_exception import (
+    AuthenticationException,
+    BadHostKeyException,
+    ConfigParseError,
+    CouldNotCanonicalize,
+    NoValidConnectionsError,
+    SSHException,
+)
 
 from .errors import ConnectError, HostKeyError, UsageError
 from .inventory import Environment, Host
@@ -68,8 +75,9 @@ class _Transport(paramiko.Transport):
     timed out"). Here such a reply is held and sent as soon as the new keys are in.
     """
 
-    _preferred_ciphers = tuple(c for c in paramiko.Transport._preferred_ciphers if "gcm" in c) + \
-        tuple(c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c)
+    _preferred_ciphers = tuple(c for c in paramiko.Transport._preferred_ciphers if "gcm" in c) + tuple(
+        c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c
+    )
 
     def __init__(self, sock, *args, **kwargs):
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -107,9 +115,14 @@ class SSHPolicy:
     port: int | None = None
 
     @classmethod
-    def for_environment(cls, env: Environment) -> "SSHPolicy":
-        return cls(ssh_config=env.ssh_config, known_hosts=env.known_hosts,
-                   connect_timeout=env.connect_timeout, user=env.user, port=env.port)
+    def for_environment(cls, env: Environment) -> SSHPolicy:
+        return cls(
+            ssh_config=env.ssh_config,
+            known_hosts=env.known_hosts,
+            connect_timeout=env.connect_timeout,
+            user=env.user,
+            port=env.port,
+        )
 
 
 def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
@@ -139,15 +152,19 @@ def read_ssh_config(path: Path) -> SSHConfig:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{_not_utf8(path, data, exc)}; an ssh_config file must be UTF-8",
-                         hint="fix that line, or save the file as UTF-8") from None
+        raise UsageError(
+            f"{_not_utf8(path, data, exc)}; an ssh_config file must be UTF-8",
+            hint="fix that line, or save the file as UTF-8",
+        ) from None
     config = SSHConfig()
     lines = _NumberedLines(text)
     try:
         config.parse(lines)
     except ConfigParseError as exc:
-        raise UsageError(f"{path}:{lines.lineno}: not a valid ssh_config line: {exc}",
-                         hint="each line is 'Keyword value' (see `man ssh_config`); fix or remove it") from None
+        raise UsageError(
+            f"{path}:{lines.lineno}: not a valid ssh_config line: {exc}",
+            hint="each line is 'Keyword value' (see `man ssh_config`); fix or remove it",
+        ) from None
     return config
 
 
@@ -156,23 +173,27 @@ def _config(policy: SSHPolicy) -> fabric.Config:
     # An explicit SSHConfig makes Fabric use that ssh_config only, not ~/.ssh/config as well.
     overrides = {"runners": {"remote": InterruptibleRemote}}
     if policy.ssh_config:
-        return fabric.Config(ssh_config=read_ssh_config(Path(os.path.expanduser(policy.ssh_config))),
-                             lazy=True, overrides=overrides)
+        return fabric.Config(
+            ssh_config=read_ssh_config(Path(os.path.expanduser(policy.ssh_config))), lazy=True, overrides=overrides
+        )
     cfg = fabric.Config(lazy=True, overrides={**overrides, "load_ssh_configs": False})
     cfg.load_ssh_config()
     return cfg
 
 
 _NUMBER = ("must be a whole number", str.isdigit)
-_SETTING_RULES = {"port": ("Port", *_NUMBER), "connecttimeout": ("ConnectTimeout", *_NUMBER),
-                  "forwardagent": ("ForwardAgent", "must be yes or no", lambda v: v in ("yes", "no"))}
+_SETTING_RULES = {
+    "port": ("Port", *_NUMBER),
+    "connecttimeout": ("ConnectTimeout", *_NUMBER),
+    "forwardagent": ("ForwardAgent", "must be yes or no", lambda v: v in ("yes", "no")),
+}
 
 
 def _unusable_setting(cfg: fabric.Config, name: str, exc: Exception) -> str:
     """Why Fabric could not use the ssh_config's settings for `name` (an error path only)."""
     try:
         found = cfg.base_ssh_config.lookup(name)
-    except Exception:  # noqa: BLE001 - only to word the error; the original one is shown then
+    except Exception:
         found = {}
     for key, (shown, rule, ok) in _SETTING_RULES.items():
         if key in found and not ok(found[key]):
@@ -220,7 +241,7 @@ def _parse_line(fields: list[str], lineno: int) -> tuple[HostKeyEntry | None, st
         return None, "the key is not valid base64"
     try:
         entry = HostKeyEntry.from_line(f"{names} {keytype} {b64}", lineno)
-    except Exception:  # noqa: BLE001 - whatever a line holds, it must not stop the tool
+    except Exception:
         entry = False
     if entry is None:
         return None, f"key type {keytype!r} is not supported"
@@ -237,7 +258,7 @@ def _blob_type(blob: bytes) -> str | None:
     """The key type a public key blob names (its first SSH string), if readable."""
     size = int.from_bytes(blob[:4], "big")
     try:
-        return blob[4:4 + size].decode("ascii") if 0 < size <= 64 and len(blob) >= 4 + size else None
+        return blob[4 : 4 + size].decode("ascii") if 0 < size <= 64 and len(blob) >= 4 + size else None
     except UnicodeDecodeError:
         return None
 
@@ -260,8 +281,10 @@ def read_known_hosts(path: Path, warn: Warn = warn_stderr) -> tuple[list[tuple[H
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise HostKeyError(f"{_not_utf8(path, data, exc)}; a known_hosts file must be UTF-8",
-                           hint="fix or remove that line, or save the file as UTF-8") from None
+        raise HostKeyError(
+            f"{_not_utf8(path, data, exc)}; a known_hosts file must be UTF-8",
+            hint="fix or remove that line, or save the file as UTF-8",
+        ) from None
     entries: list[tuple[HostKeyEntry, bytes]] = []
     revoked: set[bytes] = set()
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -280,8 +303,10 @@ def read_known_hosts(path: Path, warn: Warn = warn_stderr) -> tuple[list[tuple[H
         elif marker == "@revoked":
             revoked.add(entry.key.asbytes())
         elif marker == "@cert-authority":
-            warn(f"{path}:{lineno}: line ignored: @cert-authority is not supported "
-                 "(host certificates are not checked; list the host's own key)")
+            warn(
+                f"{path}:{lineno}: line ignored: @cert-authority is not supported "
+                "(host certificates are not checked; list the host's own key)"
+            )
         else:
             entries.append((entry, entry.key.asbytes()))
     return entries, revoked
@@ -364,17 +389,19 @@ def connection(host: Host, policy: SSHPolicy, *, warn: Warn | None = None) -> fa
     port = host.port or policy.port
     try:
         # Fabric applies the ssh_config here (for ProxyJump hops too): int(Port), ...
-        conn = fabric.Connection(host.name, user=user, port=port, config=cfg,
-                                 connect_timeout=None)
+        conn = fabric.Connection(host.name, user=user, port=port, config=cfg, connect_timeout=None)
     except CouldNotCanonicalize as exc:
-        raise ConnectError(f"{host.label}: cannot canonicalize host name {exc} "
-                           f"(CanonicalizeHostname in {policy.ssh_config})") from None
+        raise ConnectError(
+            f"{host.label}: cannot canonicalize host name {exc} (CanonicalizeHostname in {policy.ssh_config})"
+        ) from None
     except (ConfigParseError, ValueError, KeyError) as exc:
         if not policy.ssh_config:
             raise
-        raise UsageError(f"{policy.ssh_config}: its settings for {host.name} cannot be used: "
-                         f"{_unusable_setting(cfg, host.name, exc)}",
-                         hint="fix that setting in the ssh_config") from None
+        raise UsageError(
+            f"{policy.ssh_config}: its settings for {host.name} cannot be used: "
+            f"{_unusable_setting(cfg, host.name, exc)}",
+            hint="fix that setting in the ssh_config",
+        ) from None
     _harden(conn, policy, _TrustedKeys(warn or warn_stderr))
     return conn
 
@@ -388,31 +415,41 @@ def open_connection(host: Host, policy: SSHPolicy, *, warn: Warn | None = None) 
         raise HostKeyError(
             f"{where}: host key REVOKED ({exc.hostname} presented {exc.key.get_name()} "
             f"{exc.key.get_fingerprint().hex()}, marked @revoked in known_hosts); refusing to connect",
-            hint="the host must get a new key; verify it out of band and add it to known_hosts") from None
+            hint="the host must get a new key; verify it out of band and add it to known_hosts",
+        ) from None
     except BadHostKeyException as exc:
         raise HostKeyError(
             f"{where}: host key CHANGED (got {exc.key.get_name()} {exc.key.get_fingerprint().hex()}); "
             "refusing to connect",
-            hint="if the host was rebuilt, verify its new key out of band and update known_hosts") from None
+            hint="if the host was rebuilt, verify its new key out of band and update known_hosts",
+        ) from None
     except AuthenticationException as exc:
-        raise ConnectError(f"{where}: authentication failed: {exc}",
-                           hint="check User and IdentityFile in ssh_config, or the key in the agent") from None
+        raise ConnectError(
+            f"{where}: authentication failed: {exc}",
+            hint="check User and IdentityFile in ssh_config, or the key in the agent",
+        ) from None
     except NoValidConnectionsError as exc:
         reason = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
-        raise ConnectError(f"{where}: cannot connect: {reason}",
-                           hint="is sshd running there, and are HostName and Port right?") from None
-    except (socket.timeout, TimeoutError):
-        raise ConnectError(f"{where}: no answer within {conn.connect_timeout:g} s (connect timeout)",
-                           hint="is the host up and reachable from here?") from None
+        raise ConnectError(
+            f"{where}: cannot connect: {reason}", hint="is sshd running there, and are HostName and Port right?"
+        ) from None
+    except TimeoutError:
+        raise ConnectError(
+            f"{where}: no answer within {conn.connect_timeout:g} s (connect timeout)",
+            hint="is the host up and reachable from here?",
+        ) from None
     except SSHException as exc:
         msg = str(exc)
         if "not found in known_hosts" in msg:
-            raise HostKeyError(f"{where}: host key unknown (not in known_hosts); refusing to connect",
-                               hint=f"verify the key out of band, then: ssh-keyscan -p {conn.port} {conn.host} "
-                                    ">> ~/.ssh/known_hosts (or the inventory's known_hosts file)") from None
+            raise HostKeyError(
+                f"{where}: host key unknown (not in known_hosts); refusing to connect",
+                hint=f"verify the key out of band, then: ssh-keyscan -p {conn.port} {conn.host} "
+                ">> ~/.ssh/known_hosts (or the inventory's known_hosts file)",
+            ) from None
         raise ConnectError(f"{where}: SSH failed: {msg}") from None
     except OSError as exc:
-        raise ConnectError(f"{where}: cannot connect: {exc.strerror or exc}",
-                           hint="is the host name right and the host reachable?") from None
+        raise ConnectError(
+            f"{where}: cannot connect: {exc.strerror or exc}", hint="is the host name right and the host reachable?"
+        ) from None
     conn.transport.set_keepalive(KEEPALIVE_SECONDS)
     return conn

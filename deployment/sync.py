@@ -1,5 +1,6 @@
 """Ship a release to a host (upload only when the host lacks it) and record, once an `up`
 of it succeeded, that it is what runs (`current`)."""
+
 from __future__ import annotations
 
 import getpass
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from . import release as rel
 from . import release_host as rh
@@ -28,16 +29,15 @@ class Deployed:
     env_file: str
     override_file: str | None = None
     uploaded: bool = False
-    built: bool = False         # every image the release builds is on the host, tagged with its id
-    current: str = ""           # the release `current` names (what runs), "" if none yet
-    up_ids: tuple[str, ...] | None = None   # containers an earlier `up -d` of it left
-    ps: tuple[dict, ...] = ()   # what runs now (only when up_ids is known)
+    built: bool = False  # every image the release builds is on the host, tagged with its id
+    current: str = ""  # the release `current` names (what runs), "" if none yet
+    up_ids: tuple[str, ...] | None = None  # containers an earlier `up -d` of it left
+    ps: tuple[dict, ...] = ()  # what runs now (only when up_ids is known)
 
     def unchanged_and_healthy(self) -> bool:
         """This release is current and up exactly as an earlier `up -d` left it, and every
         container is running and healthy (or has no healthcheck)."""
-        if self.current != self.release_id or not self.built or not self.up_ids \
-                or len(self.ps) != len(self.up_ids):
+        if self.current != self.release_id or not self.built or not self.up_ids or len(self.ps) != len(self.up_ids):
             return False
         for c in self.ps:
             if not any(full.startswith(c.get("ID") or "-") for full in self.up_ids):
@@ -54,8 +54,9 @@ def release_paths(env_dir: str, release: rel.Release) -> tuple[str, str, str]:
 
 
 def sync(runner: HostRunner, env: Environment, release: rel.Release, with_ps: bool = False) -> Deployed:
-    out = runner.run(rh.prepare_argv(env.env_dir, release, with_ps=with_ps),
-                     echo=False, what="preparing the release directory")
+    out = runner.run(
+        rh.prepare_argv(env.env_dir, release, with_ps=with_ps), echo=False, what="preparing the release directory"
+    )
     lines = out.stdout.strip().splitlines() or [""]
     state, _, abs_dir = lines[0].partition(" ")
     current, images, up_ids, ps = "", set(), None, []
@@ -80,14 +81,29 @@ def sync(runner: HostRunner, env: Environment, release: rel.Release, with_ps: bo
         runner.run(rh.install_argv(env.env_dir, release, upload), echo=False, what="installing the release")
         uploaded = True
     compose_file, env_file, override = release_paths(abs_dir, release)
-    return Deployed(abs_dir, release.id, compose_file, env_file, override, uploaded=uploaded,
-                    built=set(release.tags) <= images, current=current, up_ids=up_ids, ps=tuple(ps))
+    return Deployed(
+        abs_dir,
+        release.id,
+        compose_file,
+        env_file,
+        override,
+        uploaded=uploaded,
+        built=set(release.tags) <= images,
+        current=current,
+        up_ids=up_ids,
+        ps=tuple(ps),
+    )
 
 
 def deploy_record(env: Environment, release_id: str, command: str) -> dict:
     """Who brought the release up, from where, and from which commit (for `releases`)."""
-    record = {"at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "release": release_id,
-              "by": _local_user(), "machine": socket.gethostname(), "command": command}
+    record = {
+        "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "release": release_id,
+        "by": _local_user(),
+        "machine": socket.gethostname(),
+        "command": command,
+    }
     record.update(git_state(env))
     return record
 
@@ -95,7 +111,7 @@ def deploy_record(env: Environment, release_id: str, command: str) -> dict:
 def _local_user() -> str:
     try:
         return getpass.getuser()
-    except Exception:   # no name for this uid (a container, a bare cron environment)
+    except Exception:  # no name for this uid (a container, a bare cron environment)
         return "?"
 
 
@@ -103,12 +119,17 @@ def git_state(env: Environment) -> dict:
     """The project's git commit and whether its work tree had changes; {} outside git."""
     root, _ = rel.project_root(env)
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
-                              capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return {}
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
@@ -116,6 +137,10 @@ def git_state(env: Environment) -> dict:
 
 def mark_up(runner: HostRunner, env: Environment, release_id: str, command: str, whole_stack: bool) -> None:
     """The release is up: record it and switch `current` to it (then retention runs)."""
-    runner.run(rh.mark_up_argv(env.env_dir, release_id, env.compose_project,
-                               deploy_record(env, release_id, command), whole_stack),
-               echo=False, what="recording the deployment")
+    runner.run(
+        rh.mark_up_argv(
+            env.env_dir, release_id, env.compose_project, deploy_record(env, release_id, command), whole_stack
+        ),
+        echo=False,
+        what="recording the deployment",
+    )

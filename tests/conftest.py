@@ -1,4 +1,5 @@
 """Shared fixtures: the test world (built by `make testbed`) and temporary inventories."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = REPO / "deployment" / "compose"
-COMPOSE_FILES = {"dev": "docker-compose.dev.yml", "staging": "docker-compose.stag.yml",
-                 "prod": "docker-compose.prod.yml"}
+COMPOSE_FILES = {
+    "dev": "docker-compose.dev.yml",
+    "staging": "docker-compose.stag.yml",
+    "prod": "docker-compose.prod.yml",
+}
 ENV_HOSTS = {"dev": "dev-host", "staging": "staging-host", "prod": "prod-host"}
 STATE = Path(os.environ.get("TESTBED_DIR", "/var/tmp/deploy-testbed"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -35,8 +39,9 @@ def _world_problem() -> str | None:
     info = STATE / "world.json"
     if not info.is_file():
         return f"no test world at {STATE} (run `make testbed`)"
-    res = subprocess.run([sys.executable, str(REPO / "tests/testbed/testbed.py"), "status"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tests/testbed/testbed.py"), "status"], capture_output=True, text=True
+    )
     if res.returncode != 0:
         return f"the test world is not running:\n{res.stdout}{res.stderr}"
     return None
@@ -127,8 +132,9 @@ def cleanup_project(project: str, remote: Path) -> None:
         name = f"{project}-{env}"
         docker("compose", "-p", name, "down", "--volumes", "--remove-orphans", "--timeout", "2", check=False)
         # By tag, never by id: projects built from the same content share image ids.
-        images = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={name}-*",
-                        check=False).split()
+        images = docker(
+            "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={name}-*", check=False
+        ).split()
         if images:
             docker("rmi", *sorted(set(images)), check=False)
     shutil.rmtree(remote, ignore_errors=True)
@@ -174,17 +180,29 @@ DEPLOY = [sys.executable, str(REPO / "deployment" / "deploy.py")]
 def deploy(hosts: Path, *args: str, timeout: float = 600, env: dict | None = None) -> Run:
     """The CLI as an operator runs it: a process, no TTY, no stdin. It runs in the
     inventory's directory, so default backup directories stay in the test's tmp_path."""
-    res = subprocess.run([*DEPLOY, "--hosts", str(hosts), *args], capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=timeout, env={**os.environ, **(env or {})},
-                         cwd=hosts.parent)
+    res = subprocess.run(
+        [*DEPLOY, "--hosts", str(hosts), *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=hosts.parent,
+    )
     return Run(res.returncode, res.stdout, res.stderr)
 
 
 def fab(hosts: Path, *args: str, timeout: float = 300) -> Run:
     """`fab` as an operator runs it from the repository root, with the test's inventory."""
-    res = subprocess.run([str(Path(sys.executable).with_name("fab")), *args], capture_output=True, text=True,
-                         cwd=REPO, stdin=subprocess.DEVNULL, timeout=timeout,
-                         env={**os.environ, "DEPLOY_HOSTS": str(hosts)})
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("fab")), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        env={**os.environ, "DEPLOY_HOSTS": str(hosts)},
+    )
     return Run(res.returncode, res.stdout, res.stderr)
 
 
@@ -192,8 +210,14 @@ def deploy_until(hosts: Path, args: list[str], ready, timeout: float = 300) -> t
     """Start a long-running command, wait until ready() holds, then press Ctrl+C (SIGINT).
 
     Returns the result and how long the process took to exit after the interrupt."""
-    proc = subprocess.Popen([*DEPLOY, "--hosts", str(hosts), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=hosts.parent)
+    proc = subprocess.Popen(
+        [*DEPLOY, "--hosts", str(hosts), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=hosts.parent,
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -225,7 +249,7 @@ class EnvStack:
     def deploy(self, *args: str) -> Run:
         return deploy(self.hosts, self.env, *args)
 
-    def up(self) -> "EnvStack":
+    def up(self) -> EnvStack:
         r = self.deploy("up", "-d")
         assert r.code == 0, r.text
         return self
@@ -239,17 +263,27 @@ class EnvStack:
 
 def containers(project: str) -> dict[str, dict]:
     """service -> {state, health, id, image} for the project's containers on the engine."""
-    out = docker("ps", "-a", "--filter", f"label=com.docker.compose.project={project}",
-                 "--format", "{{json .}}")
+    out = docker("ps", "-a", "--filter", f"label=com.docker.compose.project={project}", "--format", "{{json .}}")
     result = {}
     for line in out.splitlines():
         c = json.loads(line)
         labels = dict(kv.split("=", 1) for kv in c["Labels"].split(",") if "=" in kv)
         status = c["Status"]
-        health = "healthy" if "(healthy)" in status else "unhealthy" if "(unhealthy)" in status else \
-            "starting" if "health: starting" in status else ""
-        result[labels["com.docker.compose.service"]] = {"state": c["State"], "health": health, "id": c["ID"],
-                                                       "image": c["Image"]}
+        health = (
+            "healthy"
+            if "(healthy)" in status
+            else "unhealthy"
+            if "(unhealthy)" in status
+            else "starting"
+            if "health: starting" in status
+            else ""
+        )
+        result[labels["com.docker.compose.service"]] = {
+            "state": c["State"],
+            "health": health,
+            "id": c["ID"],
+            "image": c["Image"],
+        }
     return result
 
 

@@ -1,5 +1,6 @@
 """The spec's sections 8 (backup) and 9 (restore) for dev, staging and prod, and the
 guarantees of the backup issue, each proving that nothing was lost."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,7 @@ class Stack(EnvStack):
         self.remote = Path(yaml.safe_load(hosts.read_text())["defaults"]["remote_dir"]) / env
         self.backups = hosts.parent / "backups" / env
 
-    def ready(self) -> "Stack":
+    def ready(self) -> Stack:
         self.up()
         r = self.deploy("migrate", *(["--no-backup"] if self.protected else []))
         assert r.code == 0, r.text
@@ -69,6 +70,7 @@ def sha256(path: Path) -> str:
 
 # --- spec rows: 8. backup, 9. restore ------------------------------------------------------
 
+
 def check_backup(s: Stack, r: Run) -> None:
     assert r.code == 0, r.text
     (dump,) = s.local()
@@ -108,6 +110,7 @@ def check_restore(explicit_file: bool):
         if s.protected:
             assert "safety backup of the current data:" in r.out
         assert s.leftovers() == []
+
     return run
 
 
@@ -125,6 +128,7 @@ def test_spec_row(stack, env, row):
 
 
 # --- guarantees ---------------------------------------------------------------------------
+
 
 def test_round_trip_brings_the_markers_back_exactly(stack):
     s = stack("dev").ready()
@@ -185,7 +189,7 @@ def test_prod_restore_without_tty_or_yes_refuses(stack):
     r = s.deploy("restore")
     assert r.code == 2 and "no TTY" in r.error
     assert s.items() == before
-    assert len(s.local()) == 1   # not even a safety backup was needed
+    assert len(s.local()) == 1  # not even a safety backup was needed
 
 
 def test_other_environments_backup_refused_on_protected_unless_allowed(stack):
@@ -227,8 +231,14 @@ def test_backup_with_the_database_down_fails_and_leaves_nothing(stack):
 
 def test_cron_no_tty_no_stdin_timestamped_lines(stack):
     s = stack("staging").ready()
-    res = subprocess.run([*DEPLOY, "--hosts", str(s.hosts), "staging", "backup"], capture_output=True, text=True,
-                         cwd=s.hosts.parent, preexec_fn=lambda: os.close(0), timeout=300)
+    res = subprocess.run(
+        [*DEPLOY, "--hosts", str(s.hosts), "staging", "backup"],
+        capture_output=True,
+        text=True,
+        cwd=s.hosts.parent,
+        preexec_fn=lambda: os.close(0),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     assert lines and all(ln[:4].isdigit() and ln[10] == "T" and ln[19] == "Z" for ln in lines), lines
@@ -257,15 +267,18 @@ def test_fab_backup_and_restore(stack):
         assert r.code == 0, r.text
         assert "via-fab" in s.items()
     finally:
-        for p in [*(REPO / "backups" / "dev").glob(f"{s.project}-*"),
-                  *(REPO / "backups" / "dev").glob(f".{s.project}.lock")]:
+        for p in [
+            *(REPO / "backups" / "dev").glob(f"{s.project}-*"),
+            *(REPO / "backups" / "dev").glob(f".{s.project}.lock"),
+        ]:
             p.unlink()
         for d in (REPO / "backups" / "dev", REPO / "backups"):
             with contextlib.suppress(OSError):
-                d.rmdir()       # only when empty: an operator's own backups stay
+                d.rmdir()  # only when empty: an operator's own backups stay
 
 
 # --- a slow link: a pull cut in the middle, and overlapping runs ---------------------------
+
 
 @pytest.fixture
 def slow(world, make_inventory, project_copy):
@@ -274,20 +287,26 @@ def slow(world, make_inventory, project_copy):
     hosts = make_inventory(compose_dir=project_copy)
     data = yaml.safe_load(hosts.read_text())
     # An absolute backup dir: the same place whether the run starts here or in the repo (fab).
-    data["environments"]["slow"] = {"compose_file": str(project_copy / "docker-compose.dev.yml"),
-                                    "hosts": ["slow-host"], "variables": stack_variables(world),
-                                    "backup": {"dir": str(hosts.parent / "backups" / "slow")}}
+    data["environments"]["slow"] = {
+        "compose_file": str(project_copy / "docker-compose.dev.yml"),
+        "hosts": ["slow-host"],
+        "variables": stack_variables(world),
+        "backup": {"dir": str(hosts.parent / "backups" / "slow")},
+    }
     hosts.write_text(yaml.safe_dump(data, sort_keys=False))
     s = Stack(hosts, "slow").ready()
     # ~24 MB of incompressible-ish rows: the pull takes several seconds at the link's rate.
-    s.sql("INSERT INTO items (name) SELECT string_agg(md5(random()::text || g || i), '') "
-          "FROM generate_series(1, 80000) g, generate_series(1, 20) i GROUP BY g")
+    s.sql(
+        "INSERT INTO items (name) SELECT string_agg(md5(random()::text || g || i), '') "
+        "FROM generate_series(1, 80000) g, generate_series(1, 20) i GROUP BY g"
+    )
     return s
 
 
 def remote_cat_pids(project: str) -> list[int]:
-    res = subprocess.run(["pgrep", "-f", f"^cat -- .*/{project.rsplit('-', 1)[0]}/slow/backups/"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["pgrep", "-f", f"^cat -- .*/{project.rsplit('-', 1)[0]}/slow/backups/"], capture_output=True, text=True
+    )
     return [int(p) for p in res.stdout.split()]
 
 
@@ -296,8 +315,14 @@ def test_connection_killed_mid_pull_leaves_no_final_file_and_older_backups_intac
     assert s.deploy("backup").code == 0
     (older,) = s.local()
     older_sha = sha256(older)
-    proc = subprocess.Popen([*DEPLOY, "--hosts", str(s.hosts), "slow", "backup"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=s.hosts.parent)
+    proc = subprocess.Popen(
+        [*DEPLOY, "--hosts", str(s.hosts), "slow", "backup"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=s.hosts.parent,
+    )
     deadline = time.monotonic() + 120
     pids = []
     while not pids and time.monotonic() < deadline and proc.poll() is None:
@@ -325,10 +350,14 @@ def test_sigterm_mid_pull_cleans_up_and_exits_130(slow, entry):
     if entry == "deploy":
         argv, cwd, env = [*DEPLOY, "--hosts", str(s.hosts), "slow", "backup"], s.hosts.parent, None
     else:
-        argv, cwd, env = [str(Path(DEPLOY[0]).with_name("fab")), "-H", "slow-host", "backup"], REPO, \
-            {**os.environ, "DEPLOY_HOSTS": str(s.hosts)}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, cwd=cwd, env=env)
+        argv, cwd, env = (
+            [str(Path(DEPLOY[0]).with_name("fab")), "-H", "slow-host", "backup"],
+            REPO,
+            {**os.environ, "DEPLOY_HOSTS": str(s.hosts)},
+        )
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=cwd, env=env
+    )
     deadline = time.monotonic() + 120
     while not remote_cat_pids(s.project) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -357,6 +386,7 @@ def test_two_concurrent_backups_one_runs_one_exits_75(slow):
 
 # --- ProxyJump ----------------------------------------------------------------------------
 
+
 def test_proxyjump_host_keys_are_checked_on_every_hop(world, make_inventory, tmp_path):
     hosts = make_inventory()
     data = yaml.safe_load(hosts.read_text())
@@ -365,8 +395,11 @@ def test_proxyjump_host_keys_are_checked_on_every_hop(world, make_inventory, tmp
     r = deploy(hosts, "staging", "check")
     assert r.code == 0, r.text
     # Without the bastion's key (dev-host), the jump itself is refused.
-    cfg = "\n".join(ln for ln in Path(world["ssh_config"]).read_text().splitlines()
-                    if "KnownHosts" not in ln and "StrictHostKeyChecking" not in ln)
+    cfg = "\n".join(
+        ln
+        for ln in Path(world["ssh_config"]).read_text().splitlines()
+        if "KnownHosts" not in ln and "StrictHostKeyChecking" not in ln
+    )
     (tmp_path / "ssh_config").write_text(cfg + "\n")
     dev_addr = world["hosts"]["dev-host"]
     known = [ln for ln in Path(world["known_hosts"]).read_text().splitlines() if not ln.startswith(f"[{dev_addr}]")]

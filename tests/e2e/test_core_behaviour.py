@@ -1,5 +1,6 @@
 """The core issue's behaviour beyond the spec rows: SSH policy, failure modes, fan-out,
 `fab -H`, and what an operator relies on (no-change redeploys, Ctrl+C on logs -f)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ import yaml
 
 from tests.conftest import containers, deploy, deploy_until, fab, stack_variables
 
-BLACKHOLE = "127.0.1.78"   # iptables drops it: a connect times out instead of being refused
+BLACKHOLE = "127.0.1.78"  # iptables drops it: a connect times out instead of being refused
 
 
 @contextlib.contextmanager
@@ -44,11 +45,15 @@ def project(hosts: Path, env: str) -> str:
 
 # --- SSH policy -------------------------------------------------------------------------
 
+
 def strict_ssh_config(world, tmp_path) -> Path:
     """The world's ssh_config without its UserKnownHostsFile lines: only the inventory's
     known_hosts decides."""
-    text = "\n".join(line for line in Path(world["ssh_config"]).read_text().splitlines()
-                     if "KnownHosts" not in line and "StrictHostKeyChecking" not in line)
+    text = "\n".join(
+        line
+        for line in Path(world["ssh_config"]).read_text().splitlines()
+        if "KnownHosts" not in line and "StrictHostKeyChecking" not in line
+    )
     p = tmp_path / "ssh_config"
     p.write_text(text + "\n")
     return p
@@ -61,7 +66,7 @@ def test_unknown_host_key_is_refused_with_exit_3_and_nothing_runs(world, make_in
     r = deploy(hosts, "dev", "up", "-d")
     assert r.code == 3, r.text
     assert "host key unknown" in r.err and "Traceback" not in r.err
-    assert not remote_dir(hosts).exists()          # not even the release directory was made
+    assert not remote_dir(hosts).exists()  # not even the release directory was made
     assert containers(project(hosts, "dev")) == {}
 
 
@@ -110,11 +115,12 @@ def test_unreachable_host_fails_within_the_connect_timeout(world, make_inventory
         elapsed = time.monotonic() - t0
     assert r.code == 3, r.text
     assert "connect timeout" in r.err
-    assert elapsed < 15, elapsed   # 2 s timeout plus interpreter start; never the OS's minutes
+    assert elapsed < 15, elapsed  # 2 s timeout plus interpreter start; never the OS's minutes
 
 
-@pytest.mark.parametrize("args", [["build", "web;id"], ["logs", "$(id)"], ["up", "-d", "--", "-h"],
-                                  ["build", "web", "`touch /tmp/pwned`"]])
+@pytest.mark.parametrize(
+    "args", [["build", "web;id"], ["logs", "$(id)"], ["up", "-d", "--", "-h"], ["build", "web", "`touch /tmp/pwned`"]]
+)
 def test_service_names_outside_the_compose_file_are_refused_before_any_host(make_inventory, args):
     hosts = make_inventory()
     r = deploy(hosts, "dev", *args)
@@ -126,6 +132,7 @@ def test_service_names_outside_the_compose_file_are_refused_before_any_host(make
 
 # --- failure modes of up ----------------------------------------------------------------
 
+
 def rewrite_compose(compose_dir: Path, name: str, change) -> None:
     path = compose_dir / name
     data = yaml.safe_load(path.read_text())
@@ -136,12 +143,16 @@ def rewrite_compose(compose_dir: Path, name: str, change) -> None:
 def test_service_that_exits_right_after_start_fails_and_shows_its_logs(make_inventory, project_copy):
     def crash(d):
         d["services"]["worker"]["command"] = [
-            "python3", "-c", "import sys; print('worker: FATAL setting QUEUE_URL is missing', flush=True); sys.exit(3)"]
+            "python3",
+            "-c",
+            "import sys; print('worker: FATAL setting QUEUE_URL is missing', flush=True); sys.exit(3)",
+        ]
+
     rewrite_compose(project_copy, "docker-compose.dev.yml", crash)
     hosts = make_inventory(compose_dir=project_copy)
     r = deploy(hosts, "dev", "up", "-d")
     assert r.code == 1, r.text
-    assert "FATAL setting QUEUE_URL is missing" in r.out      # the service's own last words
+    assert "FATAL setting QUEUE_URL is missing" in r.out  # the service's own last words
     assert "worker" in r.error and "Traceback" not in r.err
 
 
@@ -157,10 +168,13 @@ def test_port_conflict_is_a_clear_error(make_inventory):
     assert str(port) in r.err and ("address already in use" in r.err or "already allocated" in r.err), r.err
 
 
-@pytest.mark.parametrize("content, message", [
-    ("services:\n  web: [unclosed\n", "not valid YAML"),
-    ("servics:\n  web:\n    image: x\n", "defines no services"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("services:\n  web: [unclosed\n", "not valid YAML"),
+        ("servics:\n  web:\n    image: x\n", "defines no services"),
+    ],
+)
 def test_broken_compose_file_is_a_clear_usage_error(make_inventory, project_copy, content, message):
     (project_copy / "docker-compose.dev.yml").write_text(content)
     hosts = make_inventory(compose_dir=project_copy)
@@ -171,8 +185,7 @@ def test_broken_compose_file_is_a_clear_usage_error(make_inventory, project_copy
 
 
 def test_compose_rejecting_the_file_is_a_clear_remote_error(make_inventory, project_copy):
-    rewrite_compose(project_copy, "docker-compose.dev.yml",
-                    lambda d: d["services"]["web"].update(ports="not-a-list"))
+    rewrite_compose(project_copy, "docker-compose.dev.yml", lambda d: d["services"]["web"].update(ports="not-a-list"))
     hosts = make_inventory(compose_dir=project_copy)
     r = deploy(hosts, "dev", "up", "-d")
     assert r.code == 1, r.text
@@ -180,6 +193,7 @@ def test_compose_rejecting_the_file_is_a_clear_remote_error(make_inventory, proj
 
 
 # --- what operators rely on -------------------------------------------------------------
+
 
 def test_no_change_redeploy_uploads_rebuilds_and_restarts_nothing(make_inventory):
     hosts = make_inventory()
@@ -237,10 +251,14 @@ def test_logs_tail(make_inventory):
 def test_status_json_and_an_unreachable_host_is_reported_not_a_crash(world, make_inventory):
     hosts = make_inventory()
     # Two hosts: the database runs on one only (roles), or up refuses before any host.
-    edit_inventory(hosts, lambda d: d["environments"]["dev"].update(
-        hosts=[{"name": "dev-host", "roles": ["app", "db"]}, "deploy@127.0.0.1:1"],
-        roles={"app": ["web", "worker"], "db": ["db"]}))
-    assert deploy(hosts, "dev", "up", "-d").code == 3   # the bad host fails; dev-host comes up
+    edit_inventory(
+        hosts,
+        lambda d: d["environments"]["dev"].update(
+            hosts=[{"name": "dev-host", "roles": ["app", "db"]}, "deploy@127.0.0.1:1"],
+            roles={"app": ["web", "worker"], "db": ["db"]},
+        ),
+    )
+    assert deploy(hosts, "dev", "up", "-d").code == 3  # the bad host fails; dev-host comes up
     r = deploy(hosts, "dev", "status", "--json")
     assert r.code == 3, r.text
     doc = json.loads(r.out)
@@ -248,18 +266,21 @@ def test_status_json_and_an_unreachable_host_is_reported_not_a_crash(world, make
     assert by_host["deploy@127.0.0.1:1"]["reachable"] is False
     assert "cannot connect" in by_host["deploy@127.0.0.1:1"]["error"]
     services = {s["service"]: (s["state"], s["health"]) for s in by_host["dev-host"]["services"]}
-    assert services == {"web": ("running", "healthy"), "worker": ("running", "healthy"),
-                        "db": ("running", "healthy")}
+    assert services == {"web": ("running", "healthy"), "worker": ("running", "healthy"), "db": ("running", "healthy")}
     human = deploy(hosts, "dev", "status")
     assert human.code == 3 and "unreachable" in human.out and "Traceback" not in human.err
 
 
 # --- several hosts, and fab -H ----------------------------------------------------------
 
+
 def test_environment_with_two_hosts_runs_on_both_in_parallel(world, make_inventory, project_copy):
     hosts = make_inventory()
-    env = {"compose_file": str(project_copy / "docker-compose.dev.yml"),
-           "hosts": ["extra-host-1", "extra-host-2"], "variables": stack_variables(world)}
+    env = {
+        "compose_file": str(project_copy / "docker-compose.dev.yml"),
+        "hosts": ["extra-host-1", "extra-host-2"],
+        "variables": stack_variables(world),
+    }
     edit_inventory(hosts, lambda d: d["environments"].update(two=env))
     r = deploy(hosts, "two", "check")
     assert r.code == 0, r.text
@@ -268,9 +289,15 @@ def test_environment_with_two_hosts_runs_on_both_in_parallel(world, make_invento
         assert any(line.split() == [h, "ok"] for line in r.out.splitlines())
 
     # Parallel, not one after the other: two black-holed hosts cost one connect timeout.
-    edit_inventory(hosts, lambda d: (d["environments"]["two"].update(
-        hosts=[f"deploy@{BLACKHOLE}:2222", f"deploy@{BLACKHOLE}:2223", "extra-host-1"]),
-        d["defaults"].update(connect_timeout=4)))
+    edit_inventory(
+        hosts,
+        lambda d: (
+            d["environments"]["two"].update(
+                hosts=[f"deploy@{BLACKHOLE}:2222", f"deploy@{BLACKHOLE}:2223", "extra-host-1"]
+            ),
+            d["defaults"].update(connect_timeout=4),
+        ),
+    )
     with blackholed():
         t0 = time.monotonic()
         r = deploy(hosts, "two", "check")

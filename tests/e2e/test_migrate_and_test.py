@@ -1,5 +1,6 @@
 """The spec's sections 6 (test) and 7 (migrate) for dev, staging and prod, and what the
 migrate/test issue adds: idempotence, atomic failure, concurrency, read-only prod tests."""
+
 from __future__ import annotations
 
 import time
@@ -40,6 +41,7 @@ def stack(make_inventory, project_copy):
 
 # --- spec rows (6. test, 7. migrate) as data --------------------------------------------
 
+
 def migrated(s: Stack):
     s.up()
     assert s.deploy("migrate").code == 0
@@ -78,6 +80,7 @@ def test_spec_row(stack, env, row):
 
 # --- migrate ----------------------------------------------------------------------------
 
+
 def test_migrate_twice_applies_once(stack):
     s = stack("staging").up()
     assert "3 applied" in s.deploy("migrate").out
@@ -109,7 +112,8 @@ def test_failing_migration_leaves_the_schema_unchanged(stack, project_copy):
     assert s.deploy("migrate").code == 0
     before = s.snapshot()
     (project_copy.parent.parent / "app" / "migrations" / "0004_broken.sql").write_text(
-        "CREATE TABLE half_done (id int);\nINSERT INTO no_such_table VALUES (1);\n")
+        "CREATE TABLE half_done (id int);\nINSERT INTO no_such_table VALUES (1);\n"
+    )
     r = s.deploy("migrate")
     assert r.code == 1, r.text
     assert "0004_broken" in r.error and "no_such_table" in r.error
@@ -136,6 +140,7 @@ def test_migrate_py_missing_from_the_image(stack, project_copy):
 
 
 # --- test -------------------------------------------------------------------------------
+
 
 def test_prod_test_runs_the_read_only_subset_and_writes_nothing(stack):
     s = stack("prod")

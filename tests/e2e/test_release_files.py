@@ -1,6 +1,7 @@
 """What a release ships and how its .env reads on a real host: compose on dev-host reads
 every value back exactly, the .env is private there, stale uploads go, a file outside
 the project is refused, and `--dry-run -v` lists every file a release would ship."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from deployment import inventory, release as rel
+from deployment import inventory
+from deployment import release as rel
 from deployment.session import HostSession
 from tests.conftest import deploy
 
@@ -18,7 +20,7 @@ from tests.conftest import deploy
 # an operator may type or an {env: NAME} may hold.
 VALUES = {
     "V_BACKSLASH_END": "C:\\app\\",
-    "V_PASSWORD_AFTER": "pw-follows-a-backslash",       # the old parser's error printed this
+    "V_PASSWORD_AFTER": "pw-follows-a-backslash",  # the old parser's error printed this
     "V_BACKSLASHES": "a\\b\\\\c\\",
     "V_SINGLE": "it's",
     "V_DOUBLE": 'say "hi"',
@@ -37,7 +39,7 @@ VALUES = {
     "V_UNICODE": "héllo ✓ 😀 ü",
     "V_QUOTE_TRICK": "x' V_INJECTED='evil",
     "V_DQ_TRICK": 'x" V_INJECTED="evil',
-    "V_BS_QUOTE": '\\"\\\'',
+    "V_BS_QUOTE": "\\\"\\'",
     "V_ESCAPES": "\\n\\t\\$\\0101",
     "V_EMPTY": "",
     "V_CONTROL": "bell\x07del\x7f",
@@ -45,8 +47,9 @@ VALUES = {
 
 
 def ssh(world, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(["ssh", "-F", world["ssh_config"], "dev-host", shlex.join(argv)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        ["ssh", "-F", world["ssh_config"], "dev-host", shlex.join(argv)], capture_output=True, text=True, timeout=120
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"{argv}: {res.stderr}")
     return res
@@ -63,15 +66,15 @@ def app(tmp_path: Path, compose: str) -> Path:
 
 
 def env_of(make_inventory, compose_file: Path, variables: dict) -> tuple[Path, inventory.Environment]:
-    hosts = make_inventory({"dev": {"compose_file": str(compose_file), "hosts": ["dev-host"],
-                                    "variables": variables}})
+    hosts = make_inventory({"dev": {"compose_file": str(compose_file), "hosts": ["dev-host"], "variables": variables}})
     return hosts, inventory.load(hosts).environment("dev")
 
 
 def test_compose_on_the_host_reads_every_value_back_exactly(world, make_inventory, tmp_path, monkeypatch):
     environment = "".join(f"      {k}: ${{{k}}}\n" for k in VALUES)
-    compose_file = app(tmp_path, f"services:\n  s:\n    image: {world['images']['APP_BASE_IMAGE']}\n"
-                                 f"    environment:\n{environment}")
+    compose_file = app(
+        tmp_path, f"services:\n  s:\n    image: {world['images']['APP_BASE_IMAGE']}\n    environment:\n{environment}"
+    )
     # Newlines cannot be written in the inventory, so every value comes through {env: NAME},
     # as a secret from the operator's environment would.
     for k, v in VALUES.items():
@@ -83,16 +86,38 @@ def test_compose_on_the_host_reads_every_value_back_exactly(world, make_inventor
         deployed = hs.sync(release)
     finally:
         hs.close()
-    res = ssh(world, "docker", "compose", "--ansi", "never", "-p", env.compose_project, "-f",
-              deployed.compose_file, "--env-file", deployed.env_file, "config", "--format", "json")
+    res = ssh(
+        world,
+        "docker",
+        "compose",
+        "--ansi",
+        "never",
+        "-p",
+        env.compose_project,
+        "-f",
+        deployed.compose_file,
+        "--env-file",
+        deployed.env_file,
+        "config",
+        "--format",
+        "json",
+    )
     got = json.loads(res.stdout)["services"]["s"]["environment"]
     # `compose config` writes every "$" of a value as "$$" so that its output stays a compose file.
     got = {k: v.replace("$$", "$") for k, v in got.items()}
     assert got == VALUES
     assert "V_INJECTED" not in got
 
-    mode = ssh(world, "stat", "-c", "%a", deployed.env_file, f"{deployed.env_dir}/releases/{release.id}",
-               f"{deployed.env_dir}/releases", f"{deployed.env_dir}/.incoming").stdout.split()
+    mode = ssh(
+        world,
+        "stat",
+        "-c",
+        "%a",
+        deployed.env_file,
+        f"{deployed.env_dir}/releases/{release.id}",
+        f"{deployed.env_dir}/releases",
+        f"{deployed.env_dir}/.incoming",
+    ).stdout.split()
     assert mode == ["600", "700", "700", "700"]
     assert ssh(world, "ls", "-A", f"{deployed.env_dir}/.incoming").stdout == ""
 
@@ -105,8 +130,10 @@ def test_a_value_compose_cannot_carry_is_refused_naming_the_variable_only(world,
     assert r.code == 2, r.text
     assert "environments.dev.variables.TOKEN" in r.error and "UTF-8" in r.error
     assert "s3cret" not in r.text
-    assert ssh(world, "test", "-e", yaml.safe_load(hosts.read_text())["defaults"]["remote_dir"],
-               check=False).returncode == 1     # refused before any host was touched
+    assert (
+        ssh(world, "test", "-e", yaml.safe_load(hosts.read_text())["defaults"]["remote_dir"], check=False).returncode
+        == 1
+    )  # refused before any host was touched
 
 
 def test_stale_uploads_are_swept_and_a_fresh_one_stays(world, make_inventory, tmp_path):
@@ -116,9 +143,15 @@ def test_stale_uploads_are_swept_and_a_fresh_one_stays(world, make_inventory, tm
     try:
         deployed = hs.sync(rel.build(env))
         incoming = f"{deployed.env_dir}/.incoming"
-        ssh(world, "sh", "-c", 'touch -d "2 hours ago" "$1/old.x.tar.gz" && touch -d "30 minutes ago" "$1/recent.y.tar.gz"'
+        ssh(
+            world,
+            "sh",
+            "-c",
+            'touch -d "2 hours ago" "$1/old.x.tar.gz" && touch -d "30 minutes ago" "$1/recent.y.tar.gz"'
             ' && touch "$1/fresh.z.tar.gz" && mkdir "$1/../releases/.lost.42" && touch -d "3 hours ago" "$1/../releases/.lost.42"',
-            "-", incoming)
+            "-",
+            incoming,
+        )
         deployed = hs.sync(rel.build(env, {"A": "2"}))
         assert deployed.uploaded
     finally:
@@ -128,7 +161,7 @@ def test_stale_uploads_are_swept_and_a_fresh_one_stays(world, make_inventory, tm
 
 
 def test_a_file_outside_the_project_is_refused_before_any_host_is_touched(world, make_inventory, project_copy):
-    secret = project_copy.parent.parent.parent / "operator.bashrc"       # beside the copied repo
+    secret = project_copy.parent.parent.parent / "operator.bashrc"  # beside the copied repo
     secret.write_text("export AWS_SECRET_ACCESS_KEY=hunter2\n")
     path = project_copy / "docker-compose.dev.yml"
     compose = yaml.safe_load(path.read_text())

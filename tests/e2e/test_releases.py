@@ -1,5 +1,6 @@
 """Releases that hold: each release runs its own images, state lives outside releases,
 `current` means what runs, and `rollback` goes back with nothing uploaded or built."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,13 @@ def proj(make_inventory, project_copy) -> Project:
 
 
 def release_id(r) -> str:
-    return next(w for line in r.out.splitlines() if "up and healthy" in line
-                for w in line.split() if len(w) == 16 and all(c in "0123456789abcdef" for c in w))
+    return next(
+        w
+        for line in r.out.splitlines()
+        if "up and healthy" in line
+        for w in line.split()
+        if len(w) == 16 and all(c in "0123456789abcdef" for c in w)
+    )
 
 
 def test_a_b_rollback_runs_a_without_uploading_or_building(proj):
@@ -167,8 +173,12 @@ def test_bind_mounted_state_survives_six_releases_a_rollback_and_down_volumes(pr
     # tags; the state is untouched.
     kept = {p.name for p in (proj.env_dir / "releases").iterdir() if not p.name.startswith(".")}
     assert len(kept) == 5 and proj.current() in kept
-    tagged = {t.rsplit(":", 1)[1] for t in docker("images", "--format", "{{.Repository}}:{{.Tag}}",
-                                                  "--filter", f"reference={proj.project}-*").split()}
+    tagged = {
+        t.rsplit(":", 1)[1]
+        for t in docker(
+            "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={proj.project}-*"
+        ).split()
+    }
     assert tagged == kept
     r = proj.deploy("down", "--volumes")
     assert r.code == 0 and "shared" in r.out, r.text
@@ -178,8 +188,11 @@ def test_bind_mounted_state_survives_six_releases_a_rollback_and_down_volumes(pr
 def test_two_hosts_never_start_a_second_database(world, make_inventory, project_copy):
     hosts = make_inventory(compose_dir=project_copy)
     data = yaml.safe_load(hosts.read_text())
-    data["environments"]["two"] = {"compose_file": str(project_copy / "docker-compose.dev.yml"),
-                                   "hosts": ["extra-host-1", "extra-host-2"], "variables": stack_variables(world)}
+    data["environments"]["two"] = {
+        "compose_file": str(project_copy / "docker-compose.dev.yml"),
+        "hosts": ["extra-host-1", "extra-host-2"],
+        "variables": stack_variables(world),
+    }
     hosts.write_text(yaml.safe_dump(data, sort_keys=False))
     project = f"{data['project']}-two"
     r = deploy(hosts, "two", "up", "-d")
@@ -191,10 +204,12 @@ def test_two_hosts_never_start_a_second_database(world, make_inventory, project_
     hosts.write_text(yaml.safe_dump(data, sort_keys=False))
     r = deploy(hosts, "two", "--dry-run", "up", "-d")
     assert r.code == 0, r.text
-    host1 = [ln for ln in r.out.splitlines() if ln.startswith("extra-host-1") and "$ docker compose" in ln
-             and " up " in ln]
-    host2 = [ln for ln in r.out.splitlines() if ln.startswith("extra-host-2") and "$ docker compose" in ln
-             and " up " in ln]
+    host1 = [
+        ln for ln in r.out.splitlines() if ln.startswith("extra-host-1") and "$ docker compose" in ln and " up " in ln
+    ]
+    host2 = [
+        ln for ln in r.out.splitlines() if ln.startswith("extra-host-2") and "$ docker compose" in ln and " up " in ln
+    ]
     assert host1 and all(ln.endswith("-- web worker") for ln in host1), r.out
     assert host2 and all(ln.endswith("-- db") for ln in host2), r.out
     # Really up, a host at a time (fab -H): the two hosts share this world's one engine,
@@ -207,7 +222,8 @@ def test_two_hosts_never_start_a_second_database(world, make_inventory, project_
 
 
 def test_protected_rollback_confirms_names_the_pre_migration_backup_and_refuses_without_images(
-        make_inventory, project_copy):
+    make_inventory, project_copy
+):
     proj = Project(make_inventory(compose_dir=project_copy), project_copy.parent.parent, env="prod")
     proj.version("A")
     a = release_id(proj.up())
@@ -215,7 +231,7 @@ def test_protected_rollback_confirms_names_the_pre_migration_backup_and_refuses_
     proj.version("B")
     (proj.root / "app" / "migrations" / "0004_create_notes.sql").write_text("CREATE TABLE notes (id int);\n")
     b = release_id(proj.up())
-    r = proj.deploy("migrate")          # protected: a verified backup first
+    r = proj.deploy("migrate")  # protected: a verified backup first
     assert r.code == 0, r.text
     (backup,) = sorted((proj.hosts.parent / "backups" / "prod").glob("*.dump"))
     r = proj.deploy("rollback")
@@ -227,7 +243,9 @@ def test_protected_rollback_confirms_names_the_pre_migration_backup_and_refuses_
     r = fab(proj.hosts, "-H", "prod-host", "releases")
     assert r.code == 0 and f"* {a}" in r.out.replace("  ", " "), r.out
     # B's images removed behind the tool's back: rolling back to B is refused, nothing changes.
-    tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={proj.project}-*:{b}").split()
+    tags = docker(
+        "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={proj.project}-*:{b}"
+    ).split()
     docker("rmi", *tags)
     r = proj.deploy("rollback", b[:6], "--yes")
     assert r.code == 1 and "gone" in r.error and "nothing was changed" in r.error, r.text

@@ -2,6 +2,7 @@
 too), with the services that use the database stopped meanwhile, and an interrupted
 restore is stopped on the host and rolled back, never left running. Uploads that fail or
 are interrupted leave nothing on the host."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,8 @@ def test_restore_to_a_backup_taken_before_a_migration_lets_the_next_migrate_succ
     wanted = s.items()
     # Migration N+1 ships in a new release and is applied.
     (project_copy.parent.parent / "app" / "migrations" / "0004_create_notes.sql").write_text(
-        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);\n")
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);\n"
+    )
     r = s.deploy("migrate")
     assert r.code == 0, r.text
     s.sql("INSERT INTO notes (body) VALUES ('made after the backup')")
@@ -108,12 +110,19 @@ def test_restore_with_a_broken_manifest_is_refused(stack, manifest):
     assert s.items() == before
 
 
-def interrupt_when(hosts: Path, args: list[str], ready, *, settle: float = 0.5, wait: float = 60,
-                   sig=signal.SIGTERM) -> tuple[int, str, str]:
+def interrupt_when(
+    hosts: Path, args: list[str], ready, *, settle: float = 0.5, wait: float = 60, sig=signal.SIGTERM
+) -> tuple[int, str, str]:
     """Run the CLI, send `sig` once ready() holds (and `settle` seconds more), and return
     its exit code and output."""
-    proc = subprocess.Popen([*DEPLOY, "--hosts", str(hosts), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=hosts.parent)
+    proc = subprocess.Popen(
+        [*DEPLOY, "--hosts", str(hosts), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=hosts.parent,
+    )
     try:
         deadline = time.monotonic() + 180
         while not ready():
@@ -131,13 +140,15 @@ def interrupt_when(hosts: Path, args: list[str], ready, *, settle: float = 0.5, 
 
 
 def deploy_backend(s: Stack) -> str:
-    return s.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'deploy-%' "
-                 "AND wait_event_type = 'Lock'")
+    return s.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'deploy-%' AND wait_event_type = 'Lock'"
+    )
 
 
 def processes_in(container: str, names: tuple[str, ...]) -> list[str]:
-    out = docker("exec", container, "sh", "-c",
-                 "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done")
+    out = docker(
+        "exec", container, "sh", "-c", "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done"
+    )
     return [ln for ln in out.splitlines() if ln.split(" ")[0].rsplit("/", 1)[-1] in names]
 
 
@@ -150,15 +161,31 @@ def test_sigterm_mid_restore_stops_it_on_the_host_and_the_database_is_as_before(
     db = f"{s.project}-db-1"
     # Another session holds a lock on items: the restore's transaction waits on it, in
     # the middle of pg_restore | psql, which is where the interrupt lands.
-    holder = subprocess.Popen(["docker", "exec", db, "psql", "-U", "shop", "-d", "shop", "-c",
-                               "BEGIN; LOCK TABLE items IN ACCESS SHARE MODE; SELECT pg_sleep(300);"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen(
+        [
+            "docker",
+            "exec",
+            db,
+            "psql",
+            "-U",
+            "shop",
+            "-d",
+            "shop",
+            "-c",
+            "BEGIN; LOCK TABLE items IN ACCESS SHARE MODE; SELECT pg_sleep(300);",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        code, out, err = interrupt_when(s.hosts, ["dev", "restore"], lambda: deploy_backend(s) != "0",
-                                        settle=0, wait=150)
+        code, out, err = interrupt_when(
+            s.hosts, ["dev", "restore"], lambda: deploy_backend(s) != "0", settle=0, wait=150
+        )
     finally:
-        s.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(300)%' "
-              "AND pid <> pg_backend_pid()")
+        s.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(300)%' "
+            "AND pid <> pg_backend_pid()"
+        )
         holder.wait(timeout=30)
     assert code == 130, out + err
     assert "terminated by SIGTERM" in err and "rolled back" in err and "as it was" in err, err
@@ -176,6 +203,7 @@ def test_sigterm_mid_restore_stops_it_on_the_host_and_the_database_is_as_before(
 
 # --- uploads interrupted on a slow link leave nothing on the host ---------------------------
 
+
 @pytest.fixture
 def slow_env(world, make_inventory, project_copy):
     """An environment on slow-host (40 Mbit/s) with no stack running: uploads are slow
@@ -183,8 +211,11 @@ def slow_env(world, make_inventory, project_copy):
     root = project_copy.parent.parent
     hosts = make_inventory(compose_dir=project_copy, root=str(root))
     data = yaml.safe_load(hosts.read_text())
-    data["environments"]["slow"] = {"compose_file": str(project_copy / "docker-compose.dev.yml"),
-                                    "hosts": ["slow-host"], "variables": stack_variables(world)}
+    data["environments"]["slow"] = {
+        "compose_file": str(project_copy / "docker-compose.dev.yml"),
+        "hosts": ["slow-host"],
+        "variables": stack_variables(world),
+    }
     hosts.write_text(yaml.safe_dump(data, sort_keys=False))
     return hosts, Path(data["defaults"]["remote_dir"]) / "slow", root
 
@@ -192,7 +223,7 @@ def slow_env(world, make_inventory, project_copy):
 def test_interrupted_restore_upload_leaves_no_file_on_the_host(slow_env):
     hosts, remote, _ = slow_env
     big = hosts.parent / "big.dump"
-    big.write_bytes(os.urandom(40 << 20))      # ~8 s over the throttled link
+    big.write_bytes(os.urandom(40 << 20))  # ~8 s over the throttled link
     backups = remote / "backups"
 
     def uploading():
@@ -221,9 +252,9 @@ def test_interrupted_release_upload_leaves_no_tarball_on_the_host(slow_env):
 def test_sigterm_mid_migration_stops_it_on_the_host_and_rolls_it_back(stack, project_copy):
     s = stack("dev").ready()
     (project_copy.parent.parent / "app" / "migrations" / "0004_slow_notes.sql").write_text(
-        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);\nSELECT pg_sleep(120);\n")
-    sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(120)%' "
-                "AND pid <> pg_backend_pid()")
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text);\nSELECT pg_sleep(120);\n"
+    )
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(120)%' AND pid <> pg_backend_pid()"
     code, out, err = interrupt_when(s.hosts, ["dev", "migrate"], lambda: s.sql(sleeping) != "0", settle=0, wait=150)
     assert code == 130, out + err
     assert "terminated by SIGTERM" in err and "rolled back" in err, err

@@ -2,6 +2,7 @@
 ship the compose file and the app's build context, bring the stack up healthy, check
 /health from the host, run migrate.py and run_tests.py in the web container, and take
 everything down again without leftovers."""
+
 from __future__ import annotations
 
 import json

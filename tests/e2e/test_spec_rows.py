@@ -5,21 +5,21 @@ The rows are data (ROWS below): the command as the spec writes it, the state the
 assumes, and what must be true of the host afterwards. Each row runs the CLI as an
 operator does (a process, no TTY) with its own inventory, project and ports.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import subprocess
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
 
-from tests.conftest import (Run, all_healthy, containers, deploy, deploy_until, docker, networks,
-                            volumes)
+from tests.conftest import Run, all_healthy, containers, deploy, deploy_until, docker, networks, volumes
 
 ENVS = ["dev", "staging", "prod"]
 SERVICES = {"web", "worker", "db"}
@@ -65,6 +65,7 @@ class Ctx:
 
 # --- the state a row assumes ------------------------------------------------------------
 
+
 def given_nothing(ctx: Ctx) -> None:
     pass
 
@@ -83,6 +84,7 @@ def given_built(ctx: Ctx) -> None:
 
 # --- what must hold afterwards ----------------------------------------------------------
 
+
 def shows_help(ctx, r):
     assert r.code == 0 and r.err == ""
     for word in ("up", "down", "build", "logs", "status", *ENVS):
@@ -97,6 +99,7 @@ def usage_error(*phrases):
         for p in phrases:
             assert p.format(env=ctx.env) in first, first
         assert "Traceback" not in r.err
+
     return check
 
 
@@ -105,8 +108,9 @@ def up_foreground(build: bool):
         before = ctx.images()
         if build:
             ctx.bump_app()
-        r, stop_seconds = deploy_until(ctx.hosts, [ctx.env, "up", *(["--build"] if build else [])],
-                                       ready=lambda: all_healthy(ctx.project))
+        r, stop_seconds = deploy_until(
+            ctx.hosts, [ctx.env, "up", *(["--build"] if build else [])], ready=lambda: all_healthy(ctx.project)
+        )
         return r, {"before": before, "stop_seconds": stop_seconds}
 
     def check(ctx, r, info):
@@ -119,6 +123,7 @@ def up_foreground(build: bool):
         if build:
             after = ctx.images()
             assert all(after[s] and after[s] != info["before"][s] for s in after), (info["before"], after)
+
     return run, check
 
 
@@ -127,8 +132,7 @@ def up_detached(ctx, r):
     c = containers(ctx.project)
     assert set(c) == SERVICES
     assert all(v["state"] == "running" and v["health"] == "healthy" for v in c.values()), c
-    health = subprocess.run(["curl", "-fsS", f"http://127.0.0.1:{ctx.web_port}/health"],
-                            capture_output=True, text=True)
+    health = subprocess.run(["curl", "-fsS", f"http://127.0.0.1:{ctx.web_port}/health"], capture_output=True, text=True)
     assert json.loads(health.stdout) == {"status": "ok", "db": "ok"}
 
 
@@ -141,6 +145,7 @@ def down_removed(volumes_too: bool):
             assert volumes(ctx.project) == []
         else:
             assert len(volumes(ctx.project)) == 1  # the database's data survives a plain down
+
     return check
 
 
@@ -151,6 +156,7 @@ def built(services: set[str]):
         for s in ("web", "worker"):
             changed = after[s] != info["before"][s]
             assert changed == (s in services), f"{s}: {info['before'][s]} -> {after[s]}"
+
     return check
 
 
@@ -159,6 +165,7 @@ def shows_logs_of(services: set[str]):
         assert r.code == 0, r.text
         seen = {m.group(1) for m in re.finditer(r"^(\S+)-\d+\s+\|", r.out, re.M)}
         assert seen == services, r.out[-2000:]
+
     return check
 
 
@@ -170,15 +177,16 @@ def shows_status(ctx, r):
 
 # --- the rows ---------------------------------------------------------------------------
 
+
 @dataclass
 class Row:
     id: str
-    args: list[str]                       # "{env}" is replaced by the environment
+    args: list[str]  # "{env}" is replaced by the environment
     given: Callable[[Ctx], None] = given_nothing
     check: Callable = None
-    custom: tuple | None = None           # (run, check) for rows that need more than one process
+    custom: tuple | None = None  # (run, check) for rows that need more than one process
     before: Callable[[Ctx], None] | None = None
-    protected_extra: list[str] = field(default_factory=list)   # e.g. --yes where confirmation is due
+    protected_extra: list[str] = field(default_factory=list)  # e.g. --yes where confirmation is due
 
 
 def bump(ctx):
@@ -189,20 +197,30 @@ ROWS = [
     # General
     Row("general-help", [], check=shows_help),
     Row("general-invalid-command", ["invalid_cmd"], check=usage_error("'invalid_cmd' is not a recognized command")),
-    Row("general-invalid-subcommand", ["{env}", "invalid_sub_cmd"],
-        check=usage_error("unknown command 'invalid_sub_cmd' for environment '{env}'")),
-    Row("general-unknown-env", ["unknown_env", "up"],
-        check=usage_error("unknown environment 'unknown_env'", "dev, staging, prod")),
+    Row(
+        "general-invalid-subcommand",
+        ["{env}", "invalid_sub_cmd"],
+        check=usage_error("unknown command 'invalid_sub_cmd' for environment '{env}'"),
+    ),
+    Row(
+        "general-unknown-env",
+        ["unknown_env", "up"],
+        check=usage_error("unknown environment 'unknown_env'", "dev, staging, prod"),
+    ),
     # 1. up
     Row("up", ["{env}", "up"], custom=up_foreground(build=False)),
     Row("up-d", ["{env}", "up", "-d"], check=up_detached),
     Row("up-build", ["{env}", "up", "--build"], custom=up_foreground(build=True)),
     # 2. down
     # A plain down of a protected environment is an outage: it needs confirmation too.
-    Row("down", ["{env}", "down"], given=given_up, check=down_removed(volumes_too=False),
-        protected_extra=["--yes"]),
-    Row("down-volumes", ["{env}", "down", "--volumes"], given=given_up, check=down_removed(volumes_too=True),
-        protected_extra=["--yes"]),
+    Row("down", ["{env}", "down"], given=given_up, check=down_removed(volumes_too=False), protected_extra=["--yes"]),
+    Row(
+        "down-volumes",
+        ["{env}", "down", "--volumes"],
+        given=given_up,
+        check=down_removed(volumes_too=True),
+        protected_extra=["--yes"],
+    ),
     # 3. build
     Row("build", ["{env}", "build"], given=given_built, before=bump, check=built({"web", "worker"})),
     Row("build-service", ["{env}", "build", "web"], given=given_built, before=bump, check=built({"web"})),

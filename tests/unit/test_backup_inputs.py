@@ -1,5 +1,6 @@
 """What a restore or a retention run accepts from files and counts: every bad input is a
 refusal before anything is touched, and retention can never delete the backup just taken."""
+
 from __future__ import annotations
 
 import json
@@ -19,17 +20,30 @@ def dump_with(tmp_path: Path, manifest=None, sums: bytes | None = None) -> Path:
     dump = tmp_path / "shop-dev-20261125T031500Z.dump"
     dump.write_bytes(b"PGDMP")
     if manifest is not None:
-        dump.with_suffix(".json").write_bytes(manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode())
+        dump.with_suffix(".json").write_bytes(
+            manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        )
     if sums is not None:
         dump.with_suffix(".sha256").write_bytes(sums)
     return dump
 
 
-@pytest.mark.parametrize("manifest", [
-    {"sha256": None}, {"sha256": 12}, {"sha256": {"x": 1}}, {"sha256": ""}, {"sha256": "zz" * 32},
-    {"environment": "dev"}, [SHA], "just a string", b"\xff\xfe not utf-8", b"{not json",
-    {"sha256": SHA, "environment": ["dev"]},
-])
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        {"sha256": None},
+        {"sha256": 12},
+        {"sha256": {"x": 1}},
+        {"sha256": ""},
+        {"sha256": "zz" * 32},
+        {"environment": "dev"},
+        [SHA],
+        "just a string",
+        b"\xff\xfe not utf-8",
+        b"{not json",
+        {"sha256": SHA, "environment": ["dev"]},
+    ],
+)
 def test_a_manifest_that_is_there_but_unusable_is_a_refusal_with_exit_1(tmp_path, manifest):
     with pytest.raises(DeployError) as exc:
         bk.read_checksum(dump_with(tmp_path, manifest=manifest))
@@ -102,6 +116,7 @@ def test_manifests_are_written_0600_and_not_through_symlinks(tmp_path):
 
 # --- retention: counts ---------------------------------------------------------------------
 
+
 def backups_on(tmp_path: Path, n: int) -> Path:
     d = tmp_path / "backups"
     d.mkdir(exist_ok=True)
@@ -116,7 +131,7 @@ def test_the_remote_prune_script_refuses_a_bad_count_and_deletes_nothing(tmp_pat
     d = backups_on(tmp_path, 3)
     argv = bk.prune_argv(str(tmp_path), 1, "shop-dev-")
     argv[0] = shell
-    argv[5] = keep          # bypass the builder's own check: the script must hold on its own
+    argv[5] = keep  # bypass the builder's own check: the script must hold on its own
     res = subprocess.run(argv, capture_output=True, text=True)
     assert res.returncode == 2, res
     assert len(list(d.iterdir())) == 3
@@ -126,8 +141,12 @@ def test_the_remote_prune_never_removes_the_backup_just_taken(tmp_path):
     d = backups_on(tmp_path, 3)
     # The newest by name is ...23; pretend the one just taken is the oldest name (a clock
     # that went back): keep 1 keeps the newest by name AND the new one.
-    res = subprocess.run(bk.prune_argv(str(tmp_path), 1, "shop-dev-", "shop-dev-20261120T000000Z.dump"),
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        bk.prune_argv(str(tmp_path), 1, "shop-dev-", "shop-dev-20261120T000000Z.dump"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert sorted(p.name for p in d.iterdir()) == ["shop-dev-20261120T000000Z.dump", "shop-dev-20261122T000000Z.dump"]
     assert res.stdout.split() == ["shop-dev-20261121T000000Z.dump"]
 
@@ -140,6 +159,7 @@ def test_the_builders_refuse_counts_outside_1_to_10000(tmp_path, keep):
 
 def test_local_retention_never_removes_the_new_backup(tmp_path):
     from deployment.inventory import Environment
+
     env = Environment(name="dev", project="shop", compose_file=tmp_path, hosts=())
     names = [f"shop-dev-2026112{i}T000000Z.dump" for i in range(3)]
     for n in names:

@@ -1,14 +1,20 @@
 """Retention keeps the same backups on the host as on the operator's machine: newest by
 the time stamp and -N in the name, whatever the files' times say. The prune script is
 plain sh; it runs here on a scratch directory."""
+
 import os
 import subprocess
 from pathlib import Path
 
 from deployment import backup as bk
 
-NAMES = ["shop-dev-20261125T065117Z.dump", "shop-dev-20261125T065118Z.dump", "shop-dev-20261125T065118Z-2.dump",
-         "shop-dev-20261125T065118Z-10.dump", "shop-dev-20261125T065120Z.dump"]
+NAMES = [
+    "shop-dev-20261125T065117Z.dump",
+    "shop-dev-20261125T065118Z.dump",
+    "shop-dev-20261125T065118Z-2.dump",
+    "shop-dev-20261125T065118Z-10.dump",
+    "shop-dev-20261125T065120Z.dump",
+]
 FOREIGN = ["shop-dev-notes.dump", "other-dev-20991231T235959Z.dump", "shop-dev-20261125T065121Z.dump.part"]
 
 
@@ -25,8 +31,11 @@ def prune(tmp_path: Path, keep: int) -> tuple[list[str], list[str]]:
 
 def test_remote_prune_keeps_the_newest_by_name_not_by_file_time(tmp_path):
     removed, left = prune(tmp_path, 2)
-    assert removed == ["shop-dev-20261125T065118Z-2.dump", "shop-dev-20261125T065118Z.dump",
-                       "shop-dev-20261125T065117Z.dump"]
+    assert removed == [
+        "shop-dev-20261125T065118Z-2.dump",
+        "shop-dev-20261125T065118Z.dump",
+        "shop-dev-20261125T065117Z.dump",
+    ]
     assert left == sorted(["shop-dev-20261125T065118Z-10.dump", "shop-dev-20261125T065120Z.dump"] + FOREIGN)
 
 

@@ -1,4 +1,5 @@
 """The CLI's parsing and exit codes, driven in-process through main(argv)."""
+
 import io
 from pathlib import Path
 
@@ -38,19 +39,22 @@ def test_no_arguments_shows_commands_and_environments(hosts):
         assert word in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["invalid_cmd"], "'invalid_cmd' is not a recognized command or environment"),
-    (["dev", "invalid_sub_cmd"], "unknown command 'invalid_sub_cmd' for environment 'dev'"),
-    (["unknown_env", "up"], "unknown environment 'unknown_env' (valid: dev, staging, prod)"),
-    (["dev", "up", "--bogus"], "unrecognized arguments: --bogus"),
-    (["dev", "logs", "--tail", "x"], "must be a whole number"),
-    (["dev", "build", "web;id"], "unknown service 'web;id'"),
-    (["dev", "logs", "$(id)"], "unknown service '$(id)'"),
-    (["dev", "build", "--", "-h"], "unknown service '-h'"),
-    (["up"], "'up' needs an environment"),
-    (["dev"], "missing command for environment 'dev'"),
-    (["up", "dev"], "the environment comes first"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["invalid_cmd"], "'invalid_cmd' is not a recognized command or environment"),
+        (["dev", "invalid_sub_cmd"], "unknown command 'invalid_sub_cmd' for environment 'dev'"),
+        (["unknown_env", "up"], "unknown environment 'unknown_env' (valid: dev, staging, prod)"),
+        (["dev", "up", "--bogus"], "unrecognized arguments: --bogus"),
+        (["dev", "logs", "--tail", "x"], "must be a whole number"),
+        (["dev", "build", "web;id"], "unknown service 'web;id'"),
+        (["dev", "logs", "$(id)"], "unknown service '$(id)'"),
+        (["dev", "build", "--", "-h"], "unknown service '-h'"),
+        (["up"], "'up' needs an environment"),
+        (["dev"], "missing command for environment 'dev'"),
+        (["up", "dev"], "the environment comes first"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_clear_line(hosts, argv, message):
     code, out, err = run(argv)
     assert code == 2
@@ -122,16 +126,23 @@ def test_main_handles_sigterm_only_while_it_runs_and_puts_the_old_handler_back(h
 
 # --- hostile input: counts, help, streams, exit codes -------------------------------------
 
+
 @pytest.mark.parametrize("keep", ["0", "-1", "18446744073709551615", "abc", "10001", "1.5", ""])
 def test_keep_outside_1_to_10000_is_a_usage_error(hosts, keep):
     code, out, err = run(["--dry-run", "dev", "backup", "--keep", keep])
     assert code == 2 and "keep must be a whole number from 1 to 10000" in err, err
 
 
-@pytest.mark.parametrize("argv", [
-    ["dev", "up", "web", "--help"], ["dev", "up", "--help", "web"], ["dev", "logs", "--tail", "x", "-h"],
-    ["--help", "dev", "up"], ["dev", "--help", "up"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dev", "up", "web", "--help"],
+        ["dev", "up", "--help", "web"],
+        ["dev", "logs", "--tail", "x", "-h"],
+        ["--help", "dev", "up"],
+        ["dev", "--help", "up"],
+    ],
+)
 def test_help_wherever_it_stands(hosts, argv):
     code, out, err = run(argv)
     assert code == 0 and err == "" and ("usage: deploy ENV up" in out or "usage: deploy ENV logs" in out), (out, err)
@@ -150,6 +161,7 @@ def test_the_fan_out_summary_goes_to_the_stdout_main_was_given(hosts, capsys):
 
 def test_an_internal_error_exits_70_with_one_line(hosts, monkeypatch):
     from deployment import operations
+
     monkeypatch.setattr(operations, "status", lambda *a, **k: {}["boom"])
     code, out, err = run(["--dry-run", "dev", "status"])
     assert code == 70
@@ -161,6 +173,7 @@ def test_main_never_raises_system_exit(hosts, monkeypatch):
 
     def exits(*a, **k):
         raise SystemExit(4)
+
     monkeypatch.setattr(operations, "status", exits)
     assert run(["--dry-run", "dev", "status"])[0] == 4
 

@@ -1,6 +1,7 @@
 """`fab -H HOST TASK` parses and checks its arguments with the CLI's own parsers: the same
 one-line errors and exit codes, never a traceback, and `fab --dry` is a dry run. No test
 here connects anywhere: every case ends before a connection (or is a dry run)."""
+
 from __future__ import annotations
 
 import os
@@ -30,22 +31,32 @@ environments:
 
 
 def fab(inventory: Path, *args: str, cwd: Path | None = None):
-    res = subprocess.run([FAB, "-r", str(REPO), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         cwd=cwd or inventory.parent, env={**os.environ, "DEPLOY_HOSTS": str(inventory)}, timeout=60)
+    res = subprocess.run(
+        [FAB, "-r", str(REPO), *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd or inventory.parent,
+        env={**os.environ, "DEPLOY_HOSTS": str(inventory)},
+        timeout=60,
+    )
     return res.returncode, res.stdout, res.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-H", "dev-box", "backup", "--keep", "-1"], "keep must be a whole number from 1 to 10000"),
-    (["-H", "dev-box", "backup", "--keep=0"], "keep must be a whole number from 1 to 10000"),
-    (["-H", "dev-box", "backup", "--keep", "abc"], "keep must be a whole number from 1 to 10000"),
-    (["-H", "dev-box", "backup", "--keep", "18446744073709551615"], "keep must be a whole number"),
-    (["-H", "dev-box", "logs", "--tail", "abc"], "tail must be a whole number"),
-    (["-H", "dev-box", "build", "--services", "web;id"], "unknown service 'web;id'"),
-    (["status"], "needs a host"),
-    (["-H", "nowhere", "status"], "is in no environment"),
-    (["-H", "prod-box", "down"], "no TTY"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-H", "dev-box", "backup", "--keep", "-1"], "keep must be a whole number from 1 to 10000"),
+        (["-H", "dev-box", "backup", "--keep=0"], "keep must be a whole number from 1 to 10000"),
+        (["-H", "dev-box", "backup", "--keep", "abc"], "keep must be a whole number from 1 to 10000"),
+        (["-H", "dev-box", "backup", "--keep", "18446744073709551615"], "keep must be a whole number"),
+        (["-H", "dev-box", "logs", "--tail", "abc"], "tail must be a whole number"),
+        (["-H", "dev-box", "build", "--services", "web;id"], "unknown service 'web;id'"),
+        (["status"], "needs a host"),
+        (["-H", "nowhere", "status"], "is in no environment"),
+        (["-H", "prod-box", "down"], "no TTY"),
+    ],
+)
 def test_fab_refuses_like_deploy_with_one_line_and_exit_2(inventory, args, message):
     code, out, err = fab(inventory, *args)
     assert code == 2, (out, err)
@@ -70,8 +81,11 @@ def test_every_command_is_a_fab_task_with_the_same_arguments():
     tasks = fabric_tasks.tasks()
     assert set(tasks) == set(cli.COMMANDS)
     for name, task in tasks.items():
-        declared = {a.dest.lstrip("-").replace("-", "_") for a in cli.command_parser(
-            cli.COMMANDS[name], with_globals=False)._actions if a.dest != "help"}
+        declared = {
+            a.dest.lstrip("-").replace("-", "_")
+            for a in cli.command_parser(cli.COMMANDS[name], with_globals=False)._actions
+            if a.dest != "help"
+        }
         params = set(task.argspec(task.body).parameters) - {"env"}
         # Long option names may differ from argparse dests (migrate's --dry-run is "plan").
         assert len(params) == len(declared), (name, params, declared)

@@ -13,6 +13,7 @@
 
 Derandomized and bounded: the file runs in a few seconds and the same way every time.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,12 +40,16 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "deployment" / "compose"
 EXIT_CODES = {0, 1, 2, 3, 70, 75, 130}
 
-SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.filter_too_much])
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 
 
 # --- A valid inventory and its mutations ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
@@ -58,22 +63,41 @@ def base_inventory(workdir: Path) -> dict:
     return {
         "project": "shop",
         "defaults": {
-            "user": "deploy", "port": 22, "remote_dir": "/srv/shop",
-            "ssh_config": "/dev/null", "known_hosts": ["/dev/null", "kh"],
-            "connect_timeout": 10, "command_timeout": 3600,
+            "user": "deploy",
+            "port": 22,
+            "remote_dir": "/srv/shop",
+            "ssh_config": "/dev/null",
+            "known_hosts": ["/dev/null", "kh"],
+            "connect_timeout": 10,
+            "command_timeout": 3600,
             "backup": {"dir": "backups", "keep": 14},
             "root": str(workdir / "root"),
         },
         "environments": {
-            "dev": {"compose_file": str(COMPOSE / "docker-compose.dev.yml"), "hosts": ["dev-host"],
-                    "variables": {"POSTGRES_IMAGE": "postgres:16", "WORKERS": 3, "DEBUG": True,
-                                  "RATIO": 0.5, "SECRET": {"env": "HOME"}}},
-            "staging": {"compose_file": str(COMPOSE / "docker-compose.stag.yml"),
-                        "hosts": ["ops@10.0.0.5:2222", "[::1]:22"], "app_service": "web", "db_service": "db"},
-            "prod": {"compose_file": str(COMPOSE / "docker-compose.prod.yml"), "protected": True,
-                     "connect_timeout": 3.5, "backup": {"keep": 7},
-                     "hosts": [{"name": "prod-web-1", "roles": ["app"]},
-                               {"name": "prod-db-1", "roles": ["app", "db"]}]},
+            "dev": {
+                "compose_file": str(COMPOSE / "docker-compose.dev.yml"),
+                "hosts": ["dev-host"],
+                "variables": {
+                    "POSTGRES_IMAGE": "postgres:16",
+                    "WORKERS": 3,
+                    "DEBUG": True,
+                    "RATIO": 0.5,
+                    "SECRET": {"env": "HOME"},
+                },
+            },
+            "staging": {
+                "compose_file": str(COMPOSE / "docker-compose.stag.yml"),
+                "hosts": ["ops@10.0.0.5:2222", "[::1]:22"],
+                "app_service": "web",
+                "db_service": "db",
+            },
+            "prod": {
+                "compose_file": str(COMPOSE / "docker-compose.prod.yml"),
+                "protected": True,
+                "connect_timeout": 3.5,
+                "backup": {"keep": 7},
+                "hosts": [{"name": "prod-web-1", "roles": ["app"]}, {"name": "prod-db-1", "roles": ["app", "db"]}],
+            },
         },
     }
 
@@ -90,30 +114,87 @@ def paths_of(value, prefix=()):
 
 
 NASTY_STRINGS = [
-    "", " ", "~", "~nosuchuser/x", "/", ".", "..", "/dev/zero", "/dev/null", "/proc/self/mem",
-    "a-file", "root", "missing/dir", "x" * 5000, "/" + "d/" * 3000, "shop\n", "dev-host\n", "a\nb",
-    "\0", "a\0b", "\r", "\t", "\x1b[31m", "\u2028", "\u202e", "é", "\ufeff", "ops@h:99999",
-    "ops@h:0", "ops@h:" + "9" * 5000, "@h", "h@", "[::1]:22", "[::1]", "::1", "h:22:33", "-h", "--",
-    "$(id)", "`id`", "'", '"', "\\", "web;id", "{env: HOME}", "true", "null", "0x10", "1e400",
+    "",
+    " ",
+    "~",
+    "~nosuchuser/x",
+    "/",
+    ".",
+    "..",
+    "/dev/zero",
+    "/dev/null",
+    "/proc/self/mem",
+    "a-file",
+    "root",
+    "missing/dir",
+    "x" * 5000,
+    "/" + "d/" * 3000,
+    "shop\n",
+    "dev-host\n",
+    "a\nb",
+    "\0",
+    "a\0b",
+    "\r",
+    "\t",
+    "\x1b[31m",
+    "\u2028",
+    "\u202e",
+    "é",
+    "\ufeff",
+    "ops@h:99999",
+    "ops@h:0",
+    "ops@h:" + "9" * 5000,
+    "@h",
+    "h@",
+    "[::1]:22",
+    "[::1]",
+    "::1",
+    "h:22:33",
+    "-h",
+    "--",
+    "$(id)",
+    "`id`",
+    "'",
+    '"',
+    "\\",
+    "web;id",
+    "{env: HOME}",
+    "true",
+    "null",
+    "0x10",
+    "1e400",
 ]
 HUGE_NUMBERS = [0, -1, 1, 2**31, 2**63 - 1, 2**64 - 1, 2**64, 10**30, -(10**30), 10**400]
 SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, 1e30, 1e-30, -0.0, 0.05, 1e308]
 
 scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(), st.sampled_from(HUGE_NUMBERS),
-    st.floats(), st.sampled_from(SPECIAL_FLOATS),
-    st.text(max_size=12), st.sampled_from(NASTY_STRINGS),
-    st.dates(), st.binary(max_size=6),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from(HUGE_NUMBERS),
+    st.floats(),
+    st.sampled_from(SPECIAL_FLOATS),
+    st.text(max_size=12),
+    st.sampled_from(NASTY_STRINGS),
+    st.dates(),
+    st.binary(max_size=6),
 )
 junk = st.recursive(
     scalars,
     lambda children: st.one_of(
         st.lists(children, max_size=3),
-        st.dictionaries(st.one_of(st.text(max_size=8), st.sampled_from(["env", "name", "roles", "keep", "dir",
-                                                                        "<<", "=", "1", ""]),
-                                  st.integers(-2, 2), st.none(), st.booleans()),
-                        children, max_size=3)),
+        st.dictionaries(
+            st.one_of(
+                st.text(max_size=8),
+                st.sampled_from(["env", "name", "roles", "keep", "dir", "<<", "=", "1", ""]),
+                st.integers(-2, 2),
+                st.none(),
+                st.booleans(),
+            ),
+            children,
+            max_size=3,
+        ),
+    ),
     max_leaves=8,
 )
 
@@ -143,8 +224,9 @@ def mutated_inventories(draw, base: dict) -> dict:
         elif action == "delete":
             del parent[last]
         elif action == "add" and isinstance(parent, dict):
-            parent[draw(st.one_of(st.text(max_size=8), st.sampled_from(sorted(inv.ENV_KEYS | inv.TOP_KEYS))))] = \
-                draw(junk)
+            parent[draw(st.one_of(st.text(max_size=8), st.sampled_from(sorted(inv.ENV_KEYS | inv.TOP_KEYS))))] = draw(
+                junk
+            )
         elif action == "nest":
             parent[last] = nested(draw(st.integers(2, 80)), parent[last])
         elif action == "wrap":
@@ -153,16 +235,85 @@ def mutated_inventories(draw, base: dict) -> dict:
 
 
 RAW_SNIPPETS = [
-    "[" * 3000 + "]" * 3000, "{a: " * 200 + "1" + "}" * 200, "- " * 300 + "x", "1" * 5000, "-" + "9" * 4400,
-    ":".join(["1"] + ["00"] * 5000), "9" * 400 + ".0", "1.0e+400", "-.inf", ".nan", "0x" + "f" * 100,
-    "0o777", "0b101", "1_000", "190:20:30", "2024-13-45", "2024-02-30T25:61:61Z", "!!int abc", "!!float x",
-    "!!bool maybe", "!!timestamp x", "!!binary zz", "!!binary aGk=", "!!set {a}", "!!omap [a]", "!!pairs 3",
-    "!!python/object/apply:os.system ['true']", "!!python/name:os.system", "!custom x", "*undefined",
-    "&a [*a]", "&b {x: *b}", "<<: 3", "<<: *undefined", "? [a]\n: 1", "? {a: 1}\n: 2", "---", "...",
-    "--- x\n--- y", "%YAML 1.1\n---", "%TAG ! tag:x,2000:\n---", "'unclosed", '"unclosed', '"\\x00\\x01"',
-    '"\\uD800"', "\t", "\x01", "\x7f", "\u0085", "|\n  block\n", ">-\n  folded\n", "{", "}", "[", "]", ",", ":",
-    "? ", "- ", "#", "&", "*", "!", "|", ">", "%", "@", "`", "=", "~", "null", "~: x", "=: x",
-    "protected: false", "keep: 0", "port: 0", "environments: 5", "defaults: []", "project: \"shop\\n\"",
+    "[" * 3000 + "]" * 3000,
+    "{a: " * 200 + "1" + "}" * 200,
+    "- " * 300 + "x",
+    "1" * 5000,
+    "-" + "9" * 4400,
+    ":".join(["1"] + ["00"] * 5000),
+    "9" * 400 + ".0",
+    "1.0e+400",
+    "-.inf",
+    ".nan",
+    "0x" + "f" * 100,
+    "0o777",
+    "0b101",
+    "1_000",
+    "190:20:30",
+    "2024-13-45",
+    "2024-02-30T25:61:61Z",
+    "!!int abc",
+    "!!float x",
+    "!!bool maybe",
+    "!!timestamp x",
+    "!!binary zz",
+    "!!binary aGk=",
+    "!!set {a}",
+    "!!omap [a]",
+    "!!pairs 3",
+    "!!python/object/apply:os.system ['true']",
+    "!!python/name:os.system",
+    "!custom x",
+    "*undefined",
+    "&a [*a]",
+    "&b {x: *b}",
+    "<<: 3",
+    "<<: *undefined",
+    "? [a]\n: 1",
+    "? {a: 1}\n: 2",
+    "---",
+    "...",
+    "--- x\n--- y",
+    "%YAML 1.1\n---",
+    "%TAG ! tag:x,2000:\n---",
+    "'unclosed",
+    '"unclosed',
+    '"\\x00\\x01"',
+    '"\\uD800"',
+    "\t",
+    "\x01",
+    "\x7f",
+    "\u0085",
+    "|\n  block\n",
+    ">-\n  folded\n",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    "? ",
+    "- ",
+    "#",
+    "&",
+    "*",
+    "!",
+    "|",
+    ">",
+    "%",
+    "@",
+    "`",
+    "=",
+    "~",
+    "null",
+    "~: x",
+    "=: x",
+    "protected: false",
+    "keep: 0",
+    "port: 0",
+    "environments: 5",
+    "defaults: []",
+    'project: "shop\\n"',
 ]
 
 
@@ -198,7 +349,7 @@ ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32",
 def _note(text: str) -> None:
     try:
         note(text)
-    except Exception:  # noqa: BLE001 - outside a hypothesis test: nothing to note
+    except Exception:
         pass
 
 
@@ -241,7 +392,8 @@ def check_rules(i: inv.Inventory) -> None:
         for key, value in env.variables.items():
             assert inv.VAR_RE.fullmatch(key)
             assert not isinstance(value, float) or math.isfinite(value)
-            assert not isinstance(value, str) or "\n" not in value
+            # Newlines are allowed (the release's .env escapes them); a NUL never is.
+            assert not isinstance(value, str) or "\0" not in value
         try:
             resolved = env.resolved_variables()
         except UsageError as exc:
@@ -279,10 +431,10 @@ def test_inventory_loader_on_hostile_raw_text(workdir):
     @given(raw_texts(base_text), st.sampled_from(ENCODINGS), st.integers(0, 40), st.binary(max_size=8))
     def check(text, encoding, cut, noise):
         data = text.encode(encoding, errors="replace")
-        if cut == 1:            # truncated mid-character
-            data = data[:len(data) // 2 + 1]
-        elif cut == 2:          # raw bytes spliced in
-            data = data[:len(data) // 3] + noise + data[len(data) // 3:]
+        if cut == 1:  # truncated mid-character
+            data = data[: len(data) // 2 + 1]
+        elif cut == 2:  # raw bytes spliced in
+            data = data[: len(data) // 3] + noise + data[len(data) // 3 :]
         note(repr(data[:2000]))
         path.write_bytes(data)
         assert_loads_or_refuses_cleanly(path)
@@ -314,8 +466,18 @@ def test_special_files_never_block_or_crash(workdir):
     fifo = workdir / "fifo.yaml"
     if not fifo.exists():
         os.mkfifo(fifo)
-    for p in [workdir, fifo, Path("/dev/zero"), Path("/dev/null"), Path("/dev/stdin"), Path("/proc/self/mem"),
-              Path("/nonexistent/x"), workdir / "a-file" / "x", Path("x" * 5000), Path("")]:
+    for p in [
+        workdir,
+        fifo,
+        Path("/dev/zero"),
+        Path("/dev/null"),
+        Path("/dev/stdin"),
+        Path("/proc/self/mem"),
+        Path("/nonexistent/x"),
+        workdir / "a-file" / "x",
+        Path("x" * 5000),
+        Path(""),
+    ]:
         done = []
         t = threading.Thread(target=lambda: done.append(assert_loads_or_refuses_cleanly(p)), daemon=True)
         t.start()
@@ -330,39 +492,93 @@ def test_special_files_never_block_or_crash(workdir):
 # --- The CLI in-process -----------------------------------------------------------------------
 
 ENV_NAMES = st.from_regex(inv.NAME_RE, fullmatch=True).filter(lambda s: len(s) <= 12)
-HOST_NAMES = st.sampled_from(["h1", "h2", "web-1", "db.example.org", "10.0.0.7", "[::1]", "ops@h3:2222",
-                              "u_1@db-2", "h4:22"])
+HOST_NAMES = st.sampled_from(
+    ["h1", "h2", "web-1", "db.example.org", "10.0.0.7", "[::1]", "ops@h3:2222", "u_1@db-2", "h4:22"]
+)
 
 
 @st.composite
 def cli_inventories(draw) -> dict:
     """A valid inventory: 1-3 environments with generated names, hosts and settings."""
-    names = draw(st.lists(st.one_of(st.sampled_from(["dev", "staging", "prod"]), ENV_NAMES),
-                          min_size=1, max_size=3, unique=True))
+    names = draw(
+        st.lists(st.one_of(st.sampled_from(["dev", "staging", "prod"]), ENV_NAMES), min_size=1, max_size=3, unique=True)
+    )
     composes = sorted(COMPOSE.glob("*.yml"))
     envs = {}
     for name in names:
         hosts = draw(st.lists(HOST_NAMES, min_size=1, max_size=2, unique=True))
-        spec: dict = {"compose_file": str(draw(st.sampled_from(composes))),
-                      "hosts": [h if draw(st.booleans()) else {"name": h, "roles": draw(st.sampled_from(
-                          [["app"], ["app", "db"], ["db"]]))} for h in hosts]}
+        spec: dict = {
+            "compose_file": str(draw(st.sampled_from(composes))),
+            "hosts": [
+                h
+                if draw(st.booleans())
+                else {"name": h, "roles": draw(st.sampled_from([["app"], ["app", "db"], ["db"]]))}
+                for h in hosts
+            ],
+        }
         if draw(st.booleans()):
             spec["protected"] = True
         if draw(st.booleans()):
             spec["backup"] = {"keep": draw(st.integers(1, 10000))}
         envs[name] = spec
-    return {"project": draw(st.sampled_from(["shop", "a", "p-1"])),
-            "defaults": {"ssh_config": "/dev/null", "known_hosts": "/dev/null", "remote_dir": "/srv/x",
-                         "connect_timeout": 1},
-            "environments": envs}
+    return {
+        "project": draw(st.sampled_from(["shop", "a", "p-1"])),
+        "defaults": {
+            "ssh_config": "/dev/null",
+            "known_hosts": "/dev/null",
+            "remote_dir": "/srv/x",
+            "connect_timeout": 1,
+        },
+        "environments": envs,
+    }
 
 
-COUNTS = ["-1", "0", "1", "14", "10000", "10001", "18446744073709551615", "abc", "", " 5", "1e3", "0x10",
-          "٣", "1.5", "99999999999999999999999"]
+COUNTS = [
+    "-1",
+    "0",
+    "1",
+    "14",
+    "10000",
+    "10001",
+    "18446744073709551615",
+    "abc",
+    "",
+    " 5",
+    "1e3",
+    "0x10",
+    "٣",
+    "1.5",
+    "99999999999999999999999",
+]
 SERVICES = ["web", "db", "worker", "web;id", "$(id)", "nope", "web\n", "-"]
-WORDS = ["--", "-", "-h", "--help", "--version", "-v", "--verbose", "--yes", "-y", "--dry-run", "--plan",
-         "--hosts", "--bogus", "-x", "--keep=0", "--tail=-1", "--file=", "--file", "backups/x.dump", "/dev/zero",
-         "/dev/null", "", " ", "\n", "qa", "DEV"]
+WORDS = [
+    "--",
+    "-",
+    "-h",
+    "--help",
+    "--version",
+    "-v",
+    "--verbose",
+    "--yes",
+    "-y",
+    "--dry-run",
+    "--plan",
+    "--hosts",
+    "--bogus",
+    "-x",
+    "--keep=0",
+    "--tail=-1",
+    "--file=",
+    "--file",
+    "backups/x.dump",
+    "/dev/zero",
+    "/dev/null",
+    "",
+    " ",
+    "\n",
+    "qa",
+    "DEV",
+]
 
 
 def command_flags(name: str | None = None) -> list[str]:
@@ -388,21 +604,27 @@ def argvs(draw, env_names: list[str]) -> list[str]:
     command = draw(often(st.sampled_from(sorted(cli.COMMANDS)), st.sampled_from(["", "deploy", "UP", "-"])))
     own = FLAGS.get(command) or ALL_FLAGS
     token = st.one_of(
-        st.sampled_from(own), st.sampled_from(own), st.sampled_from(ALL_FLAGS),
-        st.sampled_from(COUNTS), st.sampled_from(SERVICES), st.sampled_from(WORDS),
-        st.sampled_from(sorted(cli.COMMANDS)), st.sampled_from(env_names), st.text(max_size=6))
+        st.sampled_from(own),
+        st.sampled_from(own),
+        st.sampled_from(ALL_FLAGS),
+        st.sampled_from(COUNTS),
+        st.sampled_from(SERVICES),
+        st.sampled_from(WORDS),
+        st.sampled_from(sorted(cli.COMMANDS)),
+        st.sampled_from(env_names),
+        st.text(max_size=6),
+    )
     head = [env, command]
-    if draw(st.integers(0, 19)) == 9:   # rarely (hypothesis favours 0 and the bounds)
+    if draw(st.integers(0, 19)) == 9:  # rarely (hypothesis favours 0 and the bounds)
         head.reverse()
     rest = draw(st.lists(token, max_size=4))
-    if draw(st.booleans()):   # a flag that takes a value, and a value
+    if draw(st.booleans()):  # a flag that takes a value, and a value
         rest.insert(draw(st.integers(0, len(rest))), draw(st.sampled_from(COUNTS + SERVICES)))
-        rest.insert(draw(st.integers(0, len(rest))),
-                    draw(st.sampled_from(["--keep", "--tail", "--file", "--hosts"])))
+        rest.insert(draw(st.integers(0, len(rest))), draw(st.sampled_from(["--keep", "--tail", "--file", "--hosts"])))
     argv = head + rest
     if draw(st.integers(0, 5)) == 3:
         argv.insert(draw(st.integers(0, len(argv))), draw(st.sampled_from(["--help", "-h"])))
-    if draw(st.integers(0, 19)) == 9:   # rarely (hypothesis favours 0 and the bounds)
+    if draw(st.integers(0, 19)) == 9:  # rarely (hypothesis favours 0 and the bounds)
         argv = draw(st.permutations(argv))
     # --dry-run first: a global option that no later token can swallow as its value.
     return ["--dry-run", *argv]
@@ -411,6 +633,7 @@ def argvs(draw, env_names: list[str]) -> list[str]:
 @contextmanager
 def no_network(attempts: list):
     """Record any connection attempt and fail it at once (exit 3), never reach the network."""
+
     def refuse_open(host, *a, **k):
         attempts.append(getattr(host, "label", str(host)))
         raise ConnectError(f"{getattr(host, 'label', host)}: test: connections are refused")
@@ -419,10 +642,12 @@ def no_network(attempts: list):
         attempts.append(f"socket {a[1:2]}")
         raise OSError(111, "test: connections are refused")
 
-    with mock.patch("deployment.ssh.open_connection", refuse_open), \
-            mock.patch("socket.getaddrinfo", refuse_socket), \
-            mock.patch("socket.socket.connect", refuse_socket), \
-            mock.patch("socket.create_connection", refuse_socket):
+    with (
+        mock.patch("deployment.ssh.open_connection", refuse_open),
+        mock.patch("socket.getaddrinfo", refuse_socket),
+        mock.patch("socket.socket.connect", refuse_socket),
+        mock.patch("socket.create_connection", refuse_socket),
+    ):
         yield
 
 
@@ -432,14 +657,18 @@ def run_cli(argv: list[str], hosts_file: Path) -> tuple[int, str, list[str], lis
     out, err = io.StringIO(), io.StringIO()
     attempts: list[str] = []
     old = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="cli-cwd-") as cwd, \
-            mock.patch.dict(os.environ, {"DEPLOY_HOSTS": str(hosts_file)}), no_network(attempts):
+    with (
+        tempfile.TemporaryDirectory(prefix="cli-cwd-") as cwd,
+        mock.patch.dict(os.environ, {"DEPLOY_HOSTS": str(hosts_file)}),
+        no_network(attempts),
+    ):
         os.chdir(cwd)
         try:
             code = cli.main(argv, stdin=io.StringIO(), stdout=out, stderr=err)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit included: main() must return
-            raise AssertionError(f"main({argv!r}) raised {type(exc).__name__}: {exc}\n"
-                                 f"stdout: {out.getvalue()}\nstderr: {err.getvalue()}") from exc
+        except BaseException as exc:
+            raise AssertionError(
+                f"main({argv!r}) raised {type(exc).__name__}: {exc}\nstdout: {out.getvalue()}\nstderr: {err.getvalue()}"
+            ) from exc
         finally:
             os.chdir(old)
         left = sorted(str(p.relative_to(cwd)) for p in Path(cwd).rglob("*"))
@@ -480,14 +709,21 @@ def test_cli_parser_in_process(workdir):
 
 
 FIXED_ARGVS = [
-    ["--dry-run", "dev", "backup"], ["--dry-run", "prod", "backup", "--keep", "3"],
-    ["--dry-run", "dev", "restore"], ["--dry-run", "prod", "restore", "--yes"],
-    ["--dry-run", "dev", "restore", "--file", "x.dump"], ["--dry-run", "prod", "restore", "--file", "/dev/zero"],
+    ["--dry-run", "dev", "backup"],
+    ["--dry-run", "prod", "backup", "--keep", "3"],
+    ["--dry-run", "dev", "restore"],
+    ["--dry-run", "prod", "restore", "--yes"],
+    ["--dry-run", "dev", "restore", "--file", "x.dump"],
+    ["--dry-run", "prod", "restore", "--file", "/dev/zero"],
     ["--dry-run", "dev", "backup", "--keep", "18446744073709551615"],
-    ["--dry-run", "dev", "backup", "--keep", "0"], ["--dry-run", "dev", "logs", "--tail", "-1"],
-    ["--dry-run", "--hosts", "", "dev", "status"], ["--dry-run", "--hosts", "/dev/zero", "dev", "status"],
-    ["--dry-run", "--hosts", "/tmp", "dev", "status"], ["--dry-run", "dev", "up", "--help", "--bogus"],
-    ["--dry-run", "dev", "down", "--volumes"], ["--dry-run", "prod", "down", "--volumes"],
+    ["--dry-run", "dev", "backup", "--keep", "0"],
+    ["--dry-run", "dev", "logs", "--tail", "-1"],
+    ["--dry-run", "--hosts", "", "dev", "status"],
+    ["--dry-run", "--hosts", "/dev/zero", "dev", "status"],
+    ["--dry-run", "--hosts", "/tmp", "dev", "status"],
+    ["--dry-run", "dev", "up", "--help", "--bogus"],
+    ["--dry-run", "dev", "down", "--volumes"],
+    ["--dry-run", "prod", "down", "--volumes"],
 ]
 
 
@@ -495,13 +731,22 @@ FIXED_ARGVS = [
 def test_cli_fixed_examples(workdir, argv):
     """Fixed examples of the CLI property, each its own test: a failure names its argv."""
     hosts_file = workdir / "cli-fixed.yaml"
-    hosts_file.write_text(yaml.safe_dump({
-        "project": "shop",
-        "defaults": {"ssh_config": "/dev/null", "known_hosts": "/dev/null", "remote_dir": "/srv/shop"},
-        "environments": {
-            "dev": {"compose_file": str(COMPOSE / "docker-compose.dev.yml"), "hosts": ["dev-host"]},
-            "prod": {"compose_file": str(COMPOSE / "docker-compose.prod.yml"), "protected": True,
-                     "hosts": ["prod-a", {"name": "prod-db", "roles": ["app", "db"]}]}}}))
+    hosts_file.write_text(
+        yaml.safe_dump(
+            {
+                "project": "shop",
+                "defaults": {"ssh_config": "/dev/null", "known_hosts": "/dev/null", "remote_dir": "/srv/shop"},
+                "environments": {
+                    "dev": {"compose_file": str(COMPOSE / "docker-compose.dev.yml"), "hosts": ["dev-host"]},
+                    "prod": {
+                        "compose_file": str(COMPOSE / "docker-compose.prod.yml"),
+                        "protected": True,
+                        "hosts": ["prod-a", {"name": "prod-db", "roles": ["app", "db"]}],
+                    },
+                },
+            }
+        )
+    )
     code, text, attempts, left = run_cli(argv, hosts_file)
     problems = problems_of(argv, code, text, attempts, left)
     assert not problems, f"{argv!r}: {'; '.join(problems)} (exit {code})\n{text}"

@@ -1,4 +1,5 @@
 """Release layout, content hash and the .env file."""
+
 import io
 import tarfile
 from pathlib import Path
@@ -8,7 +9,7 @@ from deployment import release as rel
 
 
 def make_project(tmp_path: Path) -> Path:
-    (tmp_path / ".git").mkdir()         # a git work tree: the project root
+    (tmp_path / ".git").mkdir()  # a git work tree: the project root
     (tmp_path / "app" / "pkg").mkdir(parents=True)
     (tmp_path / "app" / "Dockerfile").write_text("FROM scratch\n")
     (tmp_path / "app" / "pkg" / "mod.py").write_text("x = 1\n")
@@ -18,10 +19,12 @@ def make_project(tmp_path: Path) -> Path:
     (tmp_path / "app" / ".dockerignore").write_text("*.key\n")
     (tmp_path / "deploy" / "compose").mkdir(parents=True)
     (tmp_path / "deploy" / "compose" / "c.yml").write_text(
-        "services:\n  web:\n    build: ../../app\n  db:\n    image: postgres:16\n")
+        "services:\n  web:\n    build: ../../app\n  db:\n    image: postgres:16\n"
+    )
     (tmp_path / "deploy" / "hosts.yaml").write_text(
         "project: p\nenvironments:\n  dev:\n    compose_file: compose/c.yml\n    hosts: [h]\n"
-        "    variables: {A: 'x y', B: \"it's $HOME\"}\n    ssh_config: /dev/null\n")
+        "    variables: {A: 'x y', B: \"it's $HOME\"}\n    ssh_config: /dev/null\n"
+    )
     return tmp_path / "deploy" / "hosts.yaml"
 
 
@@ -54,6 +57,7 @@ def test_dotenv_keeps_values_literal():
 
 def test_scripts_take_values_as_parameters_only():
     from deployment import release_host as rh
+
     r = rel.Release("abc", Path("/"), rel.PurePosixPath("c.yml"), (), "", project="p")
     argv = rh.prepare_argv("/srv/x; rm -rf /", r)
     assert argv[:2] == ["sh", "-c"] and argv[3:] == ["deploy-prepare", "/srv/x; rm -rf /", "abc", "p", ""]

@@ -1,5 +1,6 @@
 """A release holds only files under the project root, and a malformed compose file is a
 clear usage error (exit 2) naming the file and the key."""
+
 import io
 import os
 import tarfile
@@ -13,8 +14,9 @@ from deployment import release as rel
 from deployment.errors import UsageError
 
 
-def project(tmp_path: Path, compose: str, *, git: bool = True, root: str | None = None,
-            compose_dir: str = "proj/deploy/compose") -> inv.Environment:
+def project(
+    tmp_path: Path, compose: str, *, git: bool = True, root: str | None = None, compose_dir: str = "proj/deploy/compose"
+) -> inv.Environment:
     """tmp/proj (a git work tree unless git=False) with an app, and tmp/outside holding
     what must never ship; the compose file is written to compose_dir."""
     proj = tmp_path / "proj"
@@ -33,7 +35,8 @@ def project(tmp_path: Path, compose: str, *, git: bool = True, root: str | None 
     extra = f"    root: {root}\n" if root else ""
     (tmp_path / "hosts.yaml").write_text(
         f"project: p\nenvironments:\n  dev:\n    compose_file: {compose_dir}/c.yml\n    hosts: [h]\n"
-        f"    ssh_config: /dev/null\n{extra}")
+        f"    ssh_config: /dev/null\n{extra}"
+    )
     return inv.load(tmp_path / "hosts.yaml").environment("dev")
 
 
@@ -50,6 +53,7 @@ def names(r: rel.Release) -> list[str]:
 
 # --- the project root -----------------------------------------------------------------------
 
+
 def test_an_env_file_climbing_out_of_the_project_is_refused_naming_file_service_and_key(tmp_path):
     env = project(tmp_path, "services:\n  web:\n    image: x\n    env_file:\n      - ../../../outside/secret.env\n")
     err = refused(env)
@@ -61,18 +65,25 @@ def test_an_env_file_climbing_out_of_the_project_is_refused_naming_file_service_
     assert "hunter2" not in msg + err.hint
 
 
-@pytest.mark.parametrize("compose, key", [
-    ("    build: ../../../outside\n", "services.web.build"),
-    ("    build: {context: ../../../outside}\n", "services.web.build.context"),
-    ("    build: {context: ../../app, dockerfile: ../../outside/Dockerfile}\n", "services.web.build.dockerfile"),
-    ("    image: x\n    env_file: ../../../outside/secret.env\n", "services.web.env_file"),
-    ("    image: x\n    env_file: [{path: ../../../outside/secret.env, required: false}]\n",
-     "services.web.env_file[0].path"),
-    ("    image: x\n    volumes: ['../../../outside:/data:ro']\n", "services.web.volumes[0]"),
-    ("    image: x\n    volumes: [{type: bind, source: ../../../outside, target: /data}]\n",
-     "services.web.volumes[0].source"),
-    ("    image: x\n    env_file: {abs}\n", "services.web.env_file"),
-])
+@pytest.mark.parametrize(
+    "compose, key",
+    [
+        ("    build: ../../../outside\n", "services.web.build"),
+        ("    build: {context: ../../../outside}\n", "services.web.build.context"),
+        ("    build: {context: ../../app, dockerfile: ../../outside/Dockerfile}\n", "services.web.build.dockerfile"),
+        ("    image: x\n    env_file: ../../../outside/secret.env\n", "services.web.env_file"),
+        (
+            "    image: x\n    env_file: [{path: ../../../outside/secret.env, required: false}]\n",
+            "services.web.env_file[0].path",
+        ),
+        ("    image: x\n    volumes: ['../../../outside:/data:ro']\n", "services.web.volumes[0]"),
+        (
+            "    image: x\n    volumes: [{type: bind, source: ../../../outside, target: /data}]\n",
+            "services.web.volumes[0].source",
+        ),
+        ("    image: x\n    env_file: {abs}\n", "services.web.env_file"),
+    ],
+)
 def test_every_kind_of_reference_outside_the_root_is_refused(tmp_path, compose, key):
     compose = compose.replace("{abs}", str(tmp_path / "outside" / "secret.env"))
     err = refused(project(tmp_path, "services:\n  web:\n" + compose))
@@ -117,15 +128,16 @@ def test_a_git_file_marks_a_work_tree_too(tmp_path):
 
 
 def test_a_dockerfile_outside_its_context_but_inside_the_root_is_shipped(tmp_path):
-    env = project(tmp_path, "services:\n  web:\n    build: {context: ../../app, dockerfile: ../docker/Web.Dockerfile}\n")
+    env = project(
+        tmp_path, "services:\n  web:\n    build: {context: ../../app, dockerfile: ../docker/Web.Dockerfile}\n"
+    )
     (tmp_path / "proj" / "docker").mkdir()
     (tmp_path / "proj" / "docker" / "Web.Dockerfile").write_text("FROM scratch\n")
     assert "docker/Web.Dockerfile" in names(rel.build(env, {}))
 
 
 def test_a_missing_optional_env_file_is_skipped_and_a_missing_required_one_is_named(tmp_path):
-    env = project(tmp_path, "services:\n  web:\n    image: x\n"
-                            "    env_file: [{path: local.env, required: false}]\n")
+    env = project(tmp_path, "services:\n  web:\n    image: x\n    env_file: [{path: local.env, required: false}]\n")
     assert names(rel.build(env, {})) == ["c.yml"]
     env = project(tmp_path / "b", "services:\n  web:\n    image: x\n    env_file: [local.env]\n")
     msg = str(refused(env))
@@ -137,7 +149,7 @@ def test_symlinks_inside_a_context_ship_as_links_and_special_files_are_skipped(t
     app = tmp_path / "proj" / "app"
     (app / "creds").symlink_to(tmp_path / "outside" / "secret.env")
     (app / "dangling").symlink_to(tmp_path / "nowhere")
-    os.mkfifo(app / "pipe")             # reading it would block for ever
+    os.mkfifo(app / "pipe")  # reading it would block for ever
     r = rel.build(env, {})
     assert names(r) == ["app/Dockerfile", "app/creds", "app/dangling", "app/main.py", "deploy/compose/c.yml"]
     with tarfile.open(fileobj=io.BytesIO(r.tarball())) as tar:
@@ -151,10 +163,11 @@ def test_an_unreadable_file_is_a_usage_error_not_a_crash(tmp_path, monkeypatch):
     unreadable = tmp_path / "proj" / "app" / "main.py"
     real_open = open
 
-    def fake_open(path, *args, **kwargs):     # root reads any file: deny it this way
+    def fake_open(path, *args, **kwargs):  # root reads any file: deny it this way
         if Path(path) == unreadable:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
+
     monkeypatch.setattr(rel, "open", fake_open, raising=False)
     msg = str(refused(env))
     assert "cannot read" in msg and str(unreadable) in msg
@@ -163,26 +176,45 @@ def test_an_unreadable_file_is_a_usage_error_not_a_crash(tmp_path, monkeypatch):
 # --- malformed compose files ---------------------------------------------------------------
 
 MALFORMED = [
-    ("services:\n  web:\n    image: x\n    env_file: [{required: false}]\n", "services.web.env_file[0].path: is required"),
-    ("services:\n  web:\n    image: x\n    env_file: [{path: 5}]\n", "services.web.env_file[0].path: must be a non-empty string"),
-    ("services:\n  web:\n    image: x\n    env_file: [{path: a.env, required: maybe}]\n", "services.web.env_file[0].required"),
+    (
+        "services:\n  web:\n    image: x\n    env_file: [{required: false}]\n",
+        "services.web.env_file[0].path: is required",
+    ),
+    (
+        "services:\n  web:\n    image: x\n    env_file: [{path: 5}]\n",
+        "services.web.env_file[0].path: must be a non-empty string",
+    ),
+    (
+        "services:\n  web:\n    image: x\n    env_file: [{path: a.env, required: maybe}]\n",
+        "services.web.env_file[0].required",
+    ),
     ("services:\n  web:\n    image: x\n    env_file: 5\n", "services.web.env_file: must be a path or a list"),
     ("services:\n  web:\n    image: x\n    env_file: [[a]]\n", "services.web.env_file[0]: must be a non-empty string"),
     ("services:\n  web:\n    image: x\n    volumes: 5\n", "services.web.volumes: must be a list"),
     ("services:\n  web:\n    image: x\n    volumes: [5]\n", "services.web.volumes[0]: must be a string or a mapping"),
-    ("services:\n  web:\n    image: x\n    volumes: [{type: bind, source: 5, target: /x}]\n",
-     "services.web.volumes[0].source: must be a string"),
-    ("services:\n  web:\n    image: x\n    volumes: [{type: [bind], source: ./x, target: /x}]\n",
-     "services.web.volumes[0].type: must be a string"),
+    (
+        "services:\n  web:\n    image: x\n    volumes: [{type: bind, source: 5, target: /x}]\n",
+        "services.web.volumes[0].source: must be a string",
+    ),
+    (
+        "services:\n  web:\n    image: x\n    volumes: [{type: [bind], source: ./x, target: /x}]\n",
+        "services.web.volumes[0].type: must be a string",
+    ),
     ("services:\n  web:\n    build: 5\n", "services.web.build: must be a path or a mapping"),
     ("services:\n  web:\n    build: ''\n", "services.web.build: must be a non-empty string"),
     ("services:\n  web:\n    build: {context: 5}\n", "services.web.build.context: must be a non-empty string"),
-    ("services:\n  web:\n    build: {context: ., dockerfile: 5}\n", "services.web.build.dockerfile: must be a non-empty"),
+    (
+        "services:\n  web:\n    build: {context: ., dockerfile: 5}\n",
+        "services.web.build.dockerfile: must be a non-empty",
+    ),
     ("services:\n  web: 5\n", "services.web: must be a mapping"),
     ("services:\n  web:\n", "services.web: must be a mapping"),
     ("services:\n  web: [image, x]\n", "services.web: must be a mapping"),
     ("services:\n  1: {image: x}\n", "services: service name 1 must be a string"),
-    ("services:\n  web:\n    image: x\n    env_file: ${ENV_FILE}\n", "services.web.env_file: '${ENV_FILE}' uses a variable"),
+    (
+        "services:\n  web:\n    image: x\n    env_file: ${ENV_FILE}\n",
+        "services.web.env_file: '${ENV_FILE}' uses a variable",
+    ),
     ("services: [web]\n", "defines no services"),
     ("services:\n  web: {image: x\n", "not valid YAML"),
 ]
@@ -201,8 +233,12 @@ def test_malformed_compose_files_are_usage_errors_naming_file_and_key(tmp_path, 
 def test_malformed_compose_files_exit_2_from_the_cli(tmp_path, compose, message, monkeypatch):
     env = project(tmp_path, compose)
     out, err = io.StringIO(), io.StringIO()
-    code = cli.main(["--hosts", str(env.inventory_path), "--dry-run", "dev", "up", "-d"],
-                    stdin=io.StringIO(), stdout=out, stderr=err)
+    code = cli.main(
+        ["--hosts", str(env.inventory_path), "--dry-run", "dev", "up", "-d"],
+        stdin=io.StringIO(),
+        stdout=out,
+        stderr=err,
+    )
     assert code == 2, err.getvalue()
     assert err.getvalue().startswith("deploy: error: ") and message in err.getvalue()
     assert "Traceback" not in err.getvalue()

@@ -1,5 +1,6 @@
 """The release bookkeeping on a host: the listing `releases` and `rollback` read, and
 retention, which never removes the current release or the one before it."""
+
 from __future__ import annotations
 
 import os

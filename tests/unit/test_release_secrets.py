@@ -1,5 +1,6 @@
 """What keeps the environment's secrets secret: the .env encoding, the release id, and
 the host-side scripts (umask, the .env's mode, no upload left behind)."""
+
 import hashlib
 import io
 import os
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from deployment import inventory as inv
-from deployment import release_host as rh
 from deployment import release as rel
+from deployment import release_host as rh
 from deployment.errors import UsageError
 
 TRICKY = {
@@ -59,17 +60,17 @@ def compose_reads(text: str) -> dict[str, str]:
                 chars.append(c)
                 esc = False
             i += 1
-        assert rest[i + 1:] == "", line        # nothing after the closing quote
+        assert rest[i + 1 :] == "", line  # nothing after the closing quote
         value, j = "", 0
         s = "".join(chars)
         while j < len(s):
-            if s[j] == "\\" and j + 1 < len(s) and s[j + 1] in "\\nr\"$":
+            if s[j] == "\\" and j + 1 < len(s) and s[j + 1] in '\\nr"$':
                 value += {"n": "\n", "r": "\r", "$": "$$"}.get(s[j + 1], s[j + 1])
                 j += 2
             else:
                 value += s[j]
                 j += 1
-        assert "$" not in value.replace("$$", ""), line    # no interpolation left
+        assert "$" not in value.replace("$$", ""), line  # no interpolation left
         out[key] = value.replace("$$", "$")
     return out
 
@@ -105,7 +106,8 @@ def test_build_names_the_inventory_and_environment_of_a_refused_value(tmp_path, 
     (tmp_path / "c.yml").write_text("services:\n  web:\n    image: x\n")
     (tmp_path / "hosts.yaml").write_text(
         "project: p\nenvironments:\n  dev:\n    compose_file: c.yml\n    hosts: [h]\n    ssh_config: /dev/null\n"
-        "    variables: {TOKEN: {env: DEPLOY_TEST_TOKEN}}\n")
+        "    variables: {TOKEN: {env: DEPLOY_TEST_TOKEN}}\n"
+    )
     monkeypatch.setenv("DEPLOY_TEST_TOKEN", "s3cret\udcfe")
     env = inv.load(tmp_path / "hosts.yaml").environment("dev")
     with pytest.raises(UsageError) as info:
@@ -121,12 +123,14 @@ def test_bad_variable_names_are_refused():
 
 # --- the release id -------------------------------------------------------------------------
 
+
 def small_env(tmp_path: Path, project: str = "p") -> inv.Environment:
     (tmp_path / ".git").mkdir(parents=True, exist_ok=True)
     (tmp_path / "c.yml").write_text("services:\n  web:\n    image: x\n")
     (tmp_path / "hosts.yaml").write_text(
         f"project: {project}\nenvironments:\n  dev:\n    compose_file: c.yml\n    hosts: [h]\n"
-        "    ssh_config: /dev/null\n")
+        "    ssh_config: /dev/null\n"
+    )
     return inv.load(tmp_path / "hosts.yaml").environment("dev")
 
 
@@ -137,6 +141,7 @@ def test_the_id_is_a_salted_scrypt_of_the_content_not_a_plain_hash(tmp_path, mon
     def spy(password, **kw):
         calls.append(kw)
         return real(password, **kw)
+
     monkeypatch.setattr(rel.hashlib, "scrypt", spy)
     r = rel.build(small_env(tmp_path), {"PASSWORD": "letmein"})
     assert len(calls) == 1
@@ -165,6 +170,7 @@ def test_the_id_uses_interactive_scrypt_parameters():
 
 # --- the host-side scripts, run here with sh ---------------------------------------------------
 
+
 def named(release_id: str, project: str = "p") -> rel.Release:
     return rel.Release(release_id, Path("/"), rel.PurePosixPath("c.yml"), (), "", project=project)
 
@@ -177,7 +183,7 @@ def test_scripts_set_umask_077_before_creating_anything():
     for script in (rh.PREPARE_SCRIPT, rh.INSTALL_SCRIPT):
         assert "umask 077" in script
         assert script.index("umask 077") < script.index("mkdir")
-    assert "chmod 600" not in rh.INSTALL_SCRIPT     # the .env is created 0600, not narrowed later
+    assert "chmod 600" not in rh.INSTALL_SCRIPT  # the .env is created 0600, not narrowed later
 
 
 def age(path: Path, minutes: float) -> None:
@@ -246,7 +252,7 @@ def test_a_failed_install_leaves_neither_upload_nor_staging_directory(tmp_path):
     d = tmp_path / "env"
     sh(rh.prepare_argv(str(d), r))
     upload = d / ".incoming" / f"{r.id}.n.tar.gz"
-    upload.write_bytes(r.tarball()[:100])      # cut short
+    upload.write_bytes(r.tarball()[:100])  # cut short
     assert sh(rh.install_argv(str(d), r, str(upload))).returncode != 0
     assert list((d / ".incoming").iterdir()) == []
     assert list((d / "releases").iterdir()) == []

@@ -2,6 +2,7 @@
 they hold can crash the tool. A bad known_hosts line is skipped with a warning naming
 file:line (as OpenSSH skips it), the good lines still count, a @revoked key is never
 trusted; a file that is not UTF-8, or an ssh_config paramiko cannot parse, is a clear error."""
+
 from __future__ import annotations
 
 import base64
@@ -18,16 +19,19 @@ from deployment.errors import ExitStatus, HostKeyError, UsageError
 from deployment.inventory import Host
 
 HOST = Host("127.0.0.11", port=2222)
-NAME = "[127.0.0.11]:2222"          # how known_hosts (and paramiko) name a host on port 2222
+NAME = "[127.0.0.11]:2222"  # how known_hosts (and paramiko) name a host on port 2222
 
 
 def public_key(kind: str = "ed25519") -> str:
     """A fresh public key as known_hosts writes it: 'TYPE BASE64'."""
-    private = {"ed25519": lambda: ed25519.Ed25519PrivateKey.generate(),
-               "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
-               "ecdsa": lambda: ec.generate_private_key(ec.SECP256R1())}[kind]()
-    return private.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                             serialization.PublicFormat.OpenSSH).decode()
+    private = {
+        "ed25519": lambda: ed25519.Ed25519PrivateKey.generate(),
+        "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ecdsa": lambda: ec.generate_private_key(ec.SECP256R1()),
+    }[kind]()
+    return (
+        private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    )
 
 
 def pkey(line: str) -> paramiko.PKey:
@@ -102,9 +106,14 @@ def test_every_bad_kind_at_once_each_named_by_its_line(tmp_path):
 def test_good_lines_of_every_key_type_and_form_are_kept_without_warnings(tmp_path):
     rsa_key, ecdsa_key = public_key("rsa"), public_key("ecdsa")
     hashed = paramiko.HostKeys.hash_host("hashed")
-    lines = [f"{NAME} {rsa_key}", f"{NAME} {ecdsa_key} a comment", f"{hashed} {GOOD}",
-             # OpenSSH takes any run of blanks between fields (paramiko's parser took one)
-             f"  a,b\t \t{OTHER.replace(' ', '   ')}   trailing words\r", "   # indented comment"]
+    lines = [
+        f"{NAME} {rsa_key}",
+        f"{NAME} {ecdsa_key} a comment",
+        f"{hashed} {GOOD}",
+        # OpenSSH takes any run of blanks between fields (paramiko's parser took one)
+        f"  a,b\t \t{OTHER.replace(' ', '   ')}   trailing words\r",
+        "   # indented comment",
+    ]
     warnings: list[str] = []
     conn = ssh.connection(HOST, only(write(tmp_path, lines)), warn=warnings.append)
     assert warnings == []
@@ -121,14 +130,14 @@ def test_a_revoked_key_is_never_trusted_even_where_another_file_lists_it(tmp_pat
     warnings: list[str] = []
     conn = ssh.connection(HOST, only(trusted, revoking), warn=warnings.append)
 
-    assert warnings == []                         # a valid @revoked line is honoured, not a problem
+    assert warnings == []  # a valid @revoked line is honoured, not a problem
     keys = conn.client._system_host_keys
     assert not keys.check(NAME, pkey(GOOD)) and keys.lookup(NAME) is None
     assert keys.check("other", pkey(OTHER))
     # What paramiko calls when the host has no trusted key: a revoked key is told apart.
     policy = conn.client._policy
     assert isinstance(policy, paramiko.RejectPolicy)
-    conn.client._transport = SimpleNamespace(_log=lambda *_: None)   # RejectPolicy logs through it
+    conn.client._transport = SimpleNamespace(_log=lambda *_: None)  # RejectPolicy logs through it
     with pytest.raises(ssh.RevokedHostKey):
         policy.missing_host_key(conn.client, NAME, pkey(GOOD))
     with pytest.raises(SSHException, match="not found in known_hosts"):
@@ -154,22 +163,26 @@ def test_a_file_listed_twice_is_read_once_and_missing_ones_are_no_keys(tmp_path)
     path = write(tmp_path, [f"{NAME} {GOOD}", "garbage"])
     warnings: list[str] = []
     conn = ssh.connection(HOST, only(path, tmp_path / "absent", tmp_path, path), warn=warnings.append)
-    assert len(warnings) == 1                     # the directory and the absent file say nothing
+    assert len(warnings) == 1  # the directory and the absent file say nothing
     assert len(conn.client._system_host_keys.lookup(NAME)) == 1
 
 
 def test_the_default_warning_goes_to_stderr(tmp_path, capsys):
     path = write(tmp_path, [f"{NAME} {GOOD}", "garbage"])
     ssh.connection(HOST, only(path))
-    assert capsys.readouterr().err == f"deploy: warning: {path}:2: line ignored: too few fields " \
-                                      "(expected: host names, key type, key)\n"
+    assert (
+        capsys.readouterr().err == f"deploy: warning: {path}:2: line ignored: too few fields "
+        "(expected: host names, key type, key)\n"
+    )
 
 
 def test_known_hosts_named_by_ssh_config_are_read_the_same_way_and_its_settings_apply(tmp_path):
     path = write(tmp_path, ["garbage", f"{NAME} {GOOD}"])
     cfg = tmp_path / "ssh_config"
-    cfg.write_text(f"# test\r\nHost dev\n  HostName 127.0.0.11\n  Port 2222\n  User deploy\n  ConnectTimeout 7\n"
-                   f"  UserKnownHostsFile {path}\nHost *\n  IdentityFile /keys/id_test\n")
+    cfg.write_text(
+        f"# test\r\nHost dev\n  HostName 127.0.0.11\n  Port 2222\n  User deploy\n  ConnectTimeout 7\n"
+        f"  UserKnownHostsFile {path}\nHost *\n  IdentityFile /keys/id_test\n"
+    )
     warnings: list[str] = []
     conn = ssh.connection(Host("dev"), ssh.SSHPolicy(ssh_config=cfg), warn=warnings.append)
     assert warnings == [f"{path}:1: line ignored: too few fields (expected: host names, key type, key)"]
@@ -182,16 +195,22 @@ def test_known_hosts_named_by_ssh_config_are_read_the_same_way_and_its_settings_
 
 USE = ": its settings for dev cannot be used: "
 BAD_CONFIGS = {
-    "a key and no value": (b"Host dev\n  HostName 127.0.0.11\n  Port\n",
-                           ":3: not a valid ssh_config line: Unparsable line Port"),
+    "a key and no value": (
+        b"Host dev\n  HostName 127.0.0.11\n  Port\n",
+        ":3: not a valid ssh_config line: Unparsable line Port",
+    ),
     "unbalanced quote": (b'# hosts\nHost "dev\n', ":2: not a valid ssh_config line: Unparsable host"),
     "Match without its parameter": (b"Match host\n", ":1: not a valid ssh_config line: Missing parameter"),
     "not UTF-8": (b"Host dev\n  User d\xe9ploy\n", ":2: not UTF-8 text (byte 0xe9)"),
     "a Port that is no number": (b"Host dev\n  Port ssh\n", USE + "Port 'ssh' must be a whole number"),
-    "a ConnectTimeout that is no number": (b"Host dev\n  ConnectTimeout soon\n",
-                                           USE + "ConnectTimeout 'soon' must be a whole number"),
-    "ForwardAgent neither yes nor no": (b"Host dev\n  ForwardAgent maybe\n",
-                                        USE + "ForwardAgent 'maybe' must be yes or no"),
+    "a ConnectTimeout that is no number": (
+        b"Host dev\n  ConnectTimeout soon\n",
+        USE + "ConnectTimeout 'soon' must be a whole number",
+    ),
+    "ForwardAgent neither yes nor no": (
+        b"Host dev\n  ForwardAgent maybe\n",
+        USE + "ForwardAgent 'maybe' must be yes or no",
+    ),
     "a bad ProxyJump": (b"Host dev\n  ProxyJump jump:22x\n", USE + "ProxyJump 'jump:22x': "),
 }
 

@@ -1,6 +1,7 @@
 """The two buffers of the bulk pull path, on their own: runner.ChunkBuffer (in place of
 paramiko's BufferedPipe on a channel) and backup._HashingWriter (hash + write in batches).
 End-to-end pulls over real SSH are in tests/e2e/test_backup_restore.py."""
+
 import hashlib
 import os
 import threading
