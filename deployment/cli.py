@@ -14,19 +14,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from . import __version__, limits, release_ops
+from . import __version__, history, limits, lock_ops, release_ops
 from . import inventory as inv
 from . import operations as ops
+from .change import Change, Invocation, via
 from .errors import DeployError, ExitStatus, UsageError, interruption, terminate_as_interrupt
-from .session import sessions
+from .session import HostSession, sessions
 
 
 @dataclass(frozen=True)
 class Command:
+    """One command: its name and help, its arguments (`configure` adds them to a parser),
+    what it runs (operations take the HostSessions and return an ExitStatus), whether it
+    takes the environment's lock and whether it writes the history."""
+
     name: str
     summary: str
     configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[..., int | None]
+    run: Callable[[argparse.Namespace, list[HostSession], IO3], ExitStatus]
+    takes_lock: bool = False
+    writes_history: bool = False
 
 
 def _services(p: argparse.ArgumentParser, what: str) -> None:
@@ -119,6 +126,26 @@ def _test_args(p):
     p.add_argument("service", nargs="?", metavar="SERVICE", help="only this service's tests")
 
 
+def _history_args(p):
+    p.add_argument(
+        "-n",
+        type=_count(limits.HISTORY),
+        default=20,
+        metavar="N",
+        dest="count",
+        help="the N newest entries, merged from every host (default: 20)",
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines, one per entry and host, newest first")
+
+
+def _unlock_args(p):
+    p.add_argument("--yes", "-y", action="store_true", help="confirm without a prompt (protected environments)")
+
+
+# The one table of commands: `deploy ENV CMD`, `deploy` with no arguments, the README's
+# table and the fab tasks all come from it. `takes_lock`: it changes the environment, so
+# it takes the environment's lock on its hosts first (and accepts --lock-wait);
+# `writes_history`: it appends a line to history.jsonl on every host it ran on.
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in [
@@ -127,18 +154,24 @@ COMMANDS: dict[str, Command] = {
             "start the services (foreground until Ctrl+C; -d: detached, waits until healthy)",
             _up_args,
             lambda a, hs, io: ops.up(hs, a.services, detach=a.detach, build=a.build),
+            takes_lock=True,
+            writes_history=True,
         ),
         Command(
             "down",
             "stop and remove the services and networks (--volumes: the data too)",
             _down_args,
             lambda a, hs, io: ops.down(hs, volumes=a.volumes, yes=a.yes, stdin=io.stdin, out=io.stderr),
+            takes_lock=True,
+            writes_history=True,
         ),
         Command(
             "build",
             "build the images of all or the named services",
             lambda p: _services(p, "services to build"),
             lambda a, hs, io: ops.build(hs, a.services),
+            takes_lock=True,
+            writes_history=True,
         ),
         Command(
             "logs",
@@ -163,6 +196,8 @@ COMMANDS: dict[str, Command] = {
             "apply pending database migrations (migrate.py) on the db host",
             _migrate_args,
             lambda a, hs, io: ops.migrate(hs, plan=a.plan, no_backup=a.no_backup),
+            takes_lock=True,
+            writes_history=True,
         ),
         Command(
             "test",
@@ -174,7 +209,8 @@ COMMANDS: dict[str, Command] = {
             "backup",
             "dump the database on the db host, verify it, pull it to backups/ENV/",
             _backup_args,
-            lambda a, hs, io: ops.backup(hs, keep=a.keep, out=io.stdout) and None,
+            lambda a, hs, io: ops.backup(hs, keep=a.keep, out=io.stdout),
+            writes_history=True,
         ),
         Command(
             "restore",
@@ -189,6 +225,8 @@ COMMANDS: dict[str, Command] = {
                 out=io.stdout,
                 err=io.stderr,
             ),
+            takes_lock=True,
+            writes_history=True,
         ),
         Command(
             "releases",
@@ -201,6 +239,21 @@ COMMANDS: dict[str, Command] = {
             "bring up the release before the current one (or RELEASE) with its own images",
             _rollback_args,
             lambda a, hs, io: release_ops.rollback(hs, a.release, yes=a.yes, stdin=io.stdin, err=io.stderr),
+            takes_lock=True,
+            writes_history=True,
+        ),
+        Command(
+            "history",
+            "who changed the environment, when, what, from which release to which, and how it ended",
+            _history_args,
+            lambda a, hs, io: history.show(hs, count=a.count, as_json=a.json, out=io.stdout),
+        ),
+        Command(
+            "unlock",
+            "clear the environment's deploy lock left by a run that is gone (killed, connection lost)",
+            _unlock_args,
+            lambda a, hs, io: lock_ops.unlock(hs, yes=a.yes, stdin=io.stdin, out=io.stdout, err=io.stderr),
+            writes_history=True,
         ),
     ]
 }
@@ -264,9 +317,38 @@ def command_parser(cmd: Command, prog: str | None = None, with_globals: bool = T
     p = _Parser(prog=prog or f"deploy ENV {cmd.name}", description=cmd.summary, allow_abbrev=False, add_help=False)
     p.add_argument("-h", "--help", action="store_true", help="show this help")
     cmd.configure(p)
+    if cmd.takes_lock:
+        p.add_argument(
+            "--lock-wait",
+            type=_count(limits.LOCK_WAIT),
+            default=0,
+            metavar="SECONDS",
+            help="if another run holds the environment's lock, wait up to SECONDS for it (default: fail at once, "
+            "exit 75)",
+        )
     if with_globals:
         _global_options(p, suppress=True)
     return p
+
+
+def command_words(cmd: Command, args: argparse.Namespace) -> list[str]:
+    """The command's own arguments as parsed, written back canonically: what the lock and
+    the history show. Only declared arguments appear, each validated by its parser, so no
+    secret can reach them (the inventory's variables never pass through a command line)."""
+    options, positionals = [], []
+    for action in command_parser(cmd, with_globals=False)._actions:
+        if action.dest in GLOBAL_DESTS or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if not action.option_strings:
+            positionals += [str(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+            continue
+        option = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        if isinstance(action, argparse._StoreTrueAction):
+            options += [option] if value else []
+        elif value is not None and value != action.default:
+            options += [option, str(value)]
+    return options + positionals
 
 
 def wants_help(args: list[str]) -> bool:
@@ -296,7 +378,8 @@ def _split(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
 EXIT_CODES_HELP = [
     "exit codes: 0 ok; 1 a remote command failed; 2 usage or inventory error;",
     "            3 connection, authentication or host-key failure; 70 internal error (a bug);",
-    "            75 another backup/restore of the environment is running (try later); 130 interrupted",
+    "            75 the environment is locked by another run (try later, --lock-wait, or unlock);",
+    "            130 interrupted (Ctrl+C, SIGTERM, SIGHUP)",
 ]
 
 
@@ -333,19 +416,67 @@ def help_text(path) -> str:
 
 
 def run_command(
-    cmd: Command, args: argparse.Namespace, env: inv.Environment, io: IO3, hosts: tuple[inv.Host, ...] | None = None
+    cmd: Command,
+    args: argparse.Namespace,
+    env: inv.Environment,
+    io: IO3,
+    hosts: tuple[inv.Host, ...] | None = None,
+    fab_host: str | None = None,
 ) -> int:
-    """Run a parsed command on the environment's hosts (or some of them: fab -H)."""
+    """Run a parsed command on the environment's hosts (or one of them: `fab -H`), inside
+    its lock and history when it changes the environment."""
     if hasattr(args, "plan"):
         # For migrate, --dry-run asks the migration runner for its plan.
         args.plan, args.dry_run = args.plan or args.dry_run, False
-    sess = sessions(env, hosts, dry_run=args.dry_run, verbose=args.verbose, out=io.stdout, err=io.stderr)
+    # `migrate --dry-run` only lists what is pending: it changes nothing.
+    takes_lock = cmd.takes_lock and not getattr(args, "plan", False)
+    writes_history = cmd.writes_history and not getattr(args, "plan", False)
+    change = None
+    if takes_lock or writes_history:
+        change = Change(_invocation(cmd, args, env, io, fab_host, takes_lock, writes_history), [], io.stderr)
+    sess = sessions(env, hosts, dry_run=args.dry_run, verbose=args.verbose, out=io.stdout, err=io.stderr, change=change)
+    if change is not None:
+        change.sessions = sess
     try:
-        status = cmd.run(args, sess, io)
+        try:
+            status = cmd.run(args, sess, io)
+        except BaseException as exc:
+            if change is not None:
+                change.finish(exc)
+            raise
+        if change is not None:
+            change.finish(None, int(status))
     finally:
         for hs in sess:
             hs.close()
-    return int(status or 0)
+    return int(status)
+
+
+def _invocation(
+    cmd: Command,
+    args: argparse.Namespace,
+    env: inv.Environment,
+    io: IO3,
+    fab_host: str | None,
+    takes_lock: bool,
+    writes_history: bool,
+) -> Invocation:
+    words = command_words(cmd, args)
+    if fab_host:
+        line, unlock = f"fab -H {fab_host} {cmd.name}", f"`fab -H {fab_host} unlock`"
+    else:
+        line, unlock = f"deploy {env.name} {cmd.name}", f"`deploy {env.name} unlock`"
+    return Invocation(
+        environment=env.name,
+        command=cmd.name,
+        args=tuple(words),
+        line=" ".join([line, *words]),
+        via=via(io.stdin, fab=fab_host is not None),
+        takes_lock=takes_lock,
+        writes_history=writes_history,
+        lock_wait=float(getattr(args, "lock_wait", 0) or 0),
+        unlock_hint=unlock,
+    )
 
 
 def _dispatch(argv: list[str], io: IO3, state: dict) -> int:

@@ -135,7 +135,7 @@ def run_task(c, cmd: cli.Command, flags: list[_Flag], values: dict) -> int:
         args.dry_run = bool(c.config.run.dry)  # fab --dry / -R
         args.verbose = verbose
         env, host = resolve(host_arg, env_name)
-        return cli.run_command(cmd, args, env, io, hosts=(host,))
+        return cli.run_command(cmd, args, env, io, hosts=(host,), fab_host=host_arg)
 
     return cli.guarded(body, io, lambda: verbose, prog="deploy")
 

@@ -72,3 +72,7 @@ PORT = Limit("port", 1, 65535)
 # Seconds. A timeout must be finite: .nan, .inf and 1e30 mean "wait forever" or crash.
 CONNECT_TIMEOUT = Limit("connect_timeout", 0.1, 3600, integer=False)
 COMMAND_TIMEOUT = Limit("command_timeout", 1, 7 * 24 * 3600, integer=False)
+# `history -n N`.
+HISTORY = Limit("n", 1, 10000)
+# `--lock-wait SECONDS`: at most a day; a run that waits longer is forgotten, not waiting.
+LOCK_WAIT = Limit("lock-wait", 0, 86400)

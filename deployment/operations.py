@@ -23,7 +23,7 @@ from .errors import DeployError, ExitStatus, HostKeyError, RemoteError, UsageErr
 from .inventory import Environment
 from .runner import last_line
 from .session import QUIET, HostSession, fan_out
-from .sync import deploy_record, mark_up
+from .sync import deploy_record
 from .ui import confirm
 
 # Compose commands that work by project label run from "/", so that a compose file in
@@ -51,7 +51,7 @@ def parse_ps(text: str) -> list[dict]:
 # --- up -----------------------------------------------------------------------------------
 
 
-def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False, build: bool = False) -> None:
+def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False, build: bool = False) -> ExitStatus:
     env = hosts[0].env
     services = validate_services(env, list(services))
     compose_spec = rel.load_compose(env.compose_file)
@@ -88,7 +88,7 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
                 compose.up(start, no_build=True, no_start=True, no_deps=no_deps), what="compose up --no-start"
             )
             if not hs.dry_run:
-                mark_up(hs.runner, env, release.id, command, whole_stack=False)
+                hs.mark_up(release.id, command, whole_stack=False)
             hs.runner.run(compose.up(start, detach=False, no_build=True, no_deps=no_deps), pty=True, what="compose up")
             return
         res = hs.runner.run(
@@ -99,10 +99,11 @@ def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False,
         if hs.dry_run:
             hs.say(f"then: switch {env.env_dir}/current to release {release.id}")
             return
-        mark_up(hs.runner, env, release.id, command, whole_stack=whole)
+        hs.mark_up(release.id, command, whole_stack=whole)
         hs.say(f"{env.compose_project}: release {release.id} up and healthy; current is {release.id}")
 
     fan_out(hosts, step)
+    return ExitStatus.OK
 
 
 def explain_failed_start(hs: HostSession, compose: Compose, res, current: str | None = None) -> None:
@@ -136,7 +137,7 @@ def down(
     yes: bool = False,
     stdin: IO[str] | None = None,
     out: IO[str] | None = None,
-) -> None:
+) -> ExitStatus:
     env = hosts[0].env
     if env.protected and not hosts[0].dry_run:
         # Stopping a protected environment is an outage; with --volumes it deletes data.
@@ -162,12 +163,13 @@ def down(
             )
 
     fan_out(hosts, step)
+    return ExitStatus.OK
 
 
 # --- build --------------------------------------------------------------------------------
 
 
-def build(hosts: list[HostSession], services: list[str] = ()) -> None:
+def build(hosts: list[HostSession], services: list[str] = ()) -> ExitStatus:
     env = hosts[0].env
     services = validate_services(env, list(services))
     release = rel.build(env)
@@ -178,12 +180,15 @@ def build(hosts: list[HostSession], services: list[str] = ()) -> None:
         hs.runner.run(hs.compose(deployed).build(services), what="compose build")
 
     fan_out(hosts, step)
+    return ExitStatus.OK
 
 
 # --- logs ---------------------------------------------------------------------------------
 
 
-def logs(hosts: list[HostSession], services: list[str] = (), follow: bool = False, tail: int | None = None) -> None:
+def logs(
+    hosts: list[HostSession], services: list[str] = (), follow: bool = False, tail: int | None = None
+) -> ExitStatus:
     env = hosts[0].env
     services = validate_services(env, list(services))
 
@@ -198,6 +203,7 @@ def logs(hosts: list[HostSession], services: list[str] = (), follow: bool = Fals
         )
 
     fan_out(hosts, step)
+    return ExitStatus.OK
 
 
 # --- status -------------------------------------------------------------------------------
@@ -248,14 +254,14 @@ def _service_rows(ps: list[dict], known: list[str]) -> list[dict]:
     return rows
 
 
-def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None = None) -> int:
+def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None = None) -> ExitStatus:
     env = hosts[0].env
     out = out or hosts[0].out
     known = rel.services(env.compose_file)
     if hosts[0].dry_run:
         for hs in hosts:
             hs.runner.run(hs.compose().ps(), cwd=NEUTRAL_CWD)
-        return 0
+        return ExitStatus.OK
 
     def step(hs: HostSession) -> HostStatus:
         try:
@@ -276,7 +282,7 @@ def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None 
         for r in results:
             _print_status(r, env, out)
     worst = max((r.status for r in results), default=0)
-    return worst
+    return ExitStatus(worst)
 
 
 def _print_status(r: HostStatus, env: Environment, out: IO[str]) -> None:
@@ -289,7 +295,9 @@ def _print_status(r: HostStatus, env: Environment, out: IO[str]) -> None:
     table = [[s["service"], s["state"], s["health"] or "-", ", ".join(s["ports"]) or "-"] for s in r.services]
     widths = [max(len(str(row[i])) for row in [cols] + table) for i in range(3)]
     for row in [cols] + table:
-        out.write("  " + "  ".join(str(v).ljust(w) for v, w in zip(row[:3], widths)) + "  " + row[3] + "\n")
+        out.write(
+            "  " + "  ".join(str(v).ljust(w) for v, w in zip(row[:3], widths, strict=True)) + "  " + row[3] + "\n"
+        )
     out.flush()
 
 
@@ -303,7 +311,7 @@ CHECK_SCRIPT = EXPAND_DIR + (
 )
 
 
-def check(hosts: list[HostSession], out: IO[str] | None = None) -> None:
+def check(hosts: list[HostSession], out: IO[str] | None = None) -> ExitStatus:
     """Connect to every host: host key, docker and compose versions, free disk."""
     env = hosts[0].env
     out = out or hosts[0].out
@@ -330,6 +338,7 @@ def check(hosts: list[HostSession], out: IO[str] | None = None) -> None:
             raise RemoteError(f"{hs.name}: " + "; ".join(problems))
 
     fan_out(hosts, step, out=out)
+    return ExitStatus.OK
 
 
 # --- migrate and test: one-off containers of the app image ------------------------------
@@ -414,7 +423,7 @@ def _one_off_outcome(what: str, rolled_back: str):
     return outcome
 
 
-def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = False) -> None:
+def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = False) -> ExitStatus:
     env = hosts[0].env
     service = app_service(env)
     hs = one_off_host(hosts)
@@ -423,7 +432,7 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
     if env.protected and not plan and not no_backup:
         # A migration can destroy data no rollback brings back: keep a verified copy first.
         hs.say(f"{env.name} is protected: taking a verified backup before migrating (--no-backup skips it)")
-        taken = backup(hosts)
+        taken = take_backup(hosts)
 
     def step(hs: HostSession) -> None:
         _, compose = _prepare_one_off(hs, release, service)
@@ -453,6 +462,7 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
         raise _one_off_failure(hs, res, "migrate.py", service, "migration failed")
 
     fan_out([hs], step)
+    return ExitStatus.OK
 
 
 def _run_one_off(hs: HostSession, argv: list[str], step_id: str, container: str, what: str, outcome):
@@ -469,7 +479,7 @@ def _run_one_off(hs: HostSession, argv: list[str], step_id: str, container: str,
     )
 
 
-def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
+def run_tests(hosts: list[HostSession], service: str | None = None) -> ExitStatus:
     env = hosts[0].env
     if service:
         validate_services(env, [service])
@@ -518,14 +528,21 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> int:
         raise _one_off_failure(hs, res, "run_tests.py", app, "run_tests.py failed")
 
     fan_out([hs], step)
-    return 0
+    return ExitStatus.OK
 
 
 # --- backup and restore -----------------------------------------------------------------
 
 
-def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | None = None) -> Path | None:
-    """Dump on the db host, verify there, pull back, verify here, then apply retention."""
+def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | None = None) -> ExitStatus:
+    """The `backup` command: take_backup."""
+    take_backup(hosts, keep, out)
+    return ExitStatus.OK
+
+
+def take_backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | None = None) -> Path | None:
+    """Dump on the db host, verify there, pull back, verify here, then apply retention.
+    Returns the local file (None in a dry run)."""
     env = hosts[0].env
     hs = one_off_host(hosts)
     report = bk.Reporter(out or hs.out)
@@ -582,6 +599,7 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int | None, report: 
     manifest = bk.manifest_for(env, hs.name, facts, created)
     manifest["file"] = final.name
     bk.write_manifest(final, manifest)
+    hs.facts["backup"] = {"file": final.name, "size": size, "sha256": sha}
     report.line(f"backup {env.name}: {final} ({bk.human(size)}, sha256 {sha}) verified")
     if keep is None:
         return final
@@ -606,16 +624,17 @@ def restore(
     stdin: IO[str] | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
-) -> None:
+) -> ExitStatus:
     env = hosts[0].env
     hs = one_off_host(hosts)
     report = bk.Reporter(out or hs.out)
     if hs.dry_run:
         # Checks the file as a real run would, then prints the commands; creates nothing.
         _restore_checked(hs, env, file, yes, allow_other_env, stdin, err or hs.err, report)
-        return
+        return ExitStatus.OK
     with bk.EnvLock(env.backup_dir, env.compose_project):
         _restore_checked(hs, env, file, yes, allow_other_env, stdin, err or hs.err, report)
+    return ExitStatus.OK
 
 
 def _backup_to_restore(env: Environment, file: str | None) -> Path:
@@ -674,6 +693,7 @@ def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report) ->
         f"{'verified' if expected else 'not recorded; pg_restore will read it in full first'})"
     )
     step = bk.new_step_id()
+    hs.facts["restore"] = {"file": path.name, "sha256": actual}
     if hs.dry_run:
         hs.runner.run(
             bk.restore_argv(

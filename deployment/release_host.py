@@ -109,7 +109,11 @@ MARK_UP_SCRIPT = EXPAND_DIR + (
     '(cd / && docker compose -p "$project" ps -q) | xargs -r docker inspect -f '
     '\'{{index .Config.Labels "com.docker.compose.service"}} {{.Image}}\' > "releases/$id/.ran" || :; '
     'ln -sfn "releases/$id" ".current.$$" && mv -T ".current.$$" current; '
-    'printf "%s %s\\n" "$(date +%s)" "$id" >> deploys.log; touch "releases/$id"; ' + _PRUNE + "prune"
+    'printf "%s %s\\n" "$(date +%s)" "$id" >> deploys.log; touch "releases/$id"; '
+    # What each service runs now, for the history.
+    + 'sed "s/^/ran /" "releases/$id/.ran" || :; '
+    + _PRUNE
+    + "prune"
 )
 
 # Everything `releases` and `rollback` need, in one round trip.
@@ -188,6 +192,17 @@ def mark_up_argv(
         json.dumps(record, separators=(",", ":"), sort_keys=True),
         "1" if whole_stack else "",
     ]
+
+
+def parse_ran(text: str) -> dict[str, str]:
+    """`ran <service> <image ID>` lines (what MARK_UP_SCRIPT prints) as service -> image ID."""
+    out = {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        service, _, image = rest.partition(" ")
+        if kind == "ran" and service and image:
+            out[service] = image.strip()
+    return out
 
 
 def list_argv(env_dir: str, project: str) -> list[str]:

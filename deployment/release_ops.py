@@ -10,10 +10,9 @@ from . import placement
 from . import release as rel
 from . import release_host as rh
 from .commands import Compose
-from .errors import DeployError, RemoteError, UsageError
+from .errors import DeployError, ExitStatus, RemoteError, UsageError
 from .operations import explain_failed_start
 from .session import QUIET, HostSession, fan_out
-from .sync import mark_up
 from .ui import confirm
 
 
@@ -22,13 +21,13 @@ def _listing(hs: HostSession) -> rh.HostListing:
     return rh.parse_listing(res.stdout)
 
 
-def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None = None) -> None:
+def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None = None) -> ExitStatus:
     env = hosts[0].env
     out = out or hosts[0].out
     if hosts[0].dry_run:
         for hs in hosts:
             hs.runner.run(rh.list_argv(env.env_dir, env.compose_project))
-        return
+        return ExitStatus.OK
     listings = fan_out(hosts, _listing, out=QUIET)
     if as_json:
         json.dump(
@@ -48,7 +47,7 @@ def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | Non
             indent=2,
         )
         out.write("\n")
-        return
+        return ExitStatus.OK
     for o in listings:
         out.write(f"{o.host}  ({env.compose_project})\n")
         if not o.value.releases:
@@ -71,8 +70,9 @@ def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | Non
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
-            out.write("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+            out.write("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
     out.flush()
+    return ExitStatus.OK
 
 
 def rollback(
@@ -81,7 +81,7 @@ def rollback(
     yes: bool = False,
     stdin: IO[str] | None = None,
     err: IO[str] | None = None,
-) -> None:
+) -> ExitStatus:
     """Bring up the release before `current` (or `target`, an id or unique prefix) with its
     own images, on every host; `current` switches only once it is up and healthy."""
     env = hosts[0].env
@@ -94,7 +94,7 @@ def rollback(
                 f"then: compose up -d --wait --no-build of release {target or '<the one before current>'} "
                 "from releases/<id>, and switch current to it"
             )
-        return
+        return ExitStatus.OK
     # A host starts only its roles' services, as `up` does (never a second database).
     compose_spec = rel.load_compose(env.compose_file)
     placement.check_placement(env, compose_spec)
@@ -128,11 +128,12 @@ def rollback(
         )
         if res.exited != 0:
             explain_failed_start(hs, compose, res, listing.current)
-        mark_up(hs.runner, env, release.id, f"rollback {release.id}", whole_stack=whole)
+        hs.mark_up(release.id, f"rollback {release.id}", whole_stack=whole)
         hs.say(f"{env.compose_project}: release {release.id} up and healthy; current is {release.id}")
         _warn_about_migrations(hs, release, listing)
 
     fan_out(hosts, step)
+    return ExitStatus.OK
 
 
 def _plan(hs: HostSession, target: str | None) -> tuple[rh.HostRelease, rh.HostListing]:

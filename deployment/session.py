@@ -7,15 +7,18 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from . import release as rel
 from . import ssh
 from .commands import Compose
-from .errors import DeployError, ExitStatus
+from .errors import ConnectError, DeployError, ExitStatus
 from .inventory import Environment, Host
 from .runner import HostRunner, LineWriter, Result, command_line
-from .sync import Deployed, release_paths, sync
+from .sync import Deployed, mark_up, release_paths, sync
+
+if TYPE_CHECKING:
+    from .change import Change
 
 
 class DryRunner:
@@ -42,8 +45,14 @@ class HostSession:
     prefix: str = ""
     out: IO[str] = field(default_factory=lambda: sys.stdout)
     err: IO[str] = field(default_factory=lambda: sys.stderr)
+    # The command that changes the environment this session belongs to (its lock and
+    # history), if any; used: a command of the invocation ran here (not only the lock's);
+    # facts: what it did here, for the history (release_after, images, backup, ...).
+    change: Change | None = None
+    used: bool = False
+    facts: dict = field(default_factory=dict)
     _runner: HostRunner | DryRunner | None = None
-    _conn: object = None
+    _conn: Any = None
 
     @property
     def name(self) -> str:
@@ -51,6 +60,15 @@ class HostSession:
 
     @property
     def runner(self) -> HostRunner | DryRunner:
+        """The host's runner for the command's own steps: the environment's lock is taken
+        first (on every host of the invocation) if the command changes it."""
+        if self.change is not None:
+            self.change.before_remote()
+        self.used = True
+        return self.open_runner()
+
+    def open_runner(self) -> HostRunner | DryRunner:
+        """The runner, connecting on first use (the one connection of this invocation)."""
         if self._runner is None:
             if self.dry_run:
                 self._runner = DryRunner(self.name, self.out, self.prefix)
@@ -92,6 +110,14 @@ class HostSession:
         elif self.verbose:
             self.say(f"release {release.id} already on the host; nothing uploaded")
         return deployed
+
+    def mark_up(self, release_id: str, command: str, whole_stack: bool) -> None:
+        """The release is up here: record it and switch `current` to it; the history
+        notes the release and the image every service now runs."""
+        runner = self.runner
+        assert isinstance(runner, HostRunner), "a dry run records nothing"
+        self.facts["images"] = mark_up(runner, self.env, release_id, command, whole_stack)
+        self.facts["release_after"] = release_id
 
     def compose(self, deployed: Deployed | None = None) -> Compose:
         """Compose for this environment; without a deployed release it works by project label."""
@@ -136,6 +162,7 @@ def sessions(
     verbose: bool = False,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
+    change: Change | None = None,
 ) -> list[HostSession]:
     hosts = hosts or env.hosts
     width = max(len(h.label) for h in hosts)
@@ -149,6 +176,7 @@ def sessions(
             prefix=f"{h.label:<{width}} | " if prefixed else "",
             out=out or sys.stdout,
             err=err or sys.stderr,
+            change=change,
         )
         for h in hosts
     ]
@@ -166,6 +194,9 @@ def fan_out(
     otherwise), and the worst failure is raised.
     """
     out = out or hosts[0].out
+    if hosts[0].change is not None:
+        # The lock first, from this thread: refused, it is one error, not one per host.
+        hosts[0].change.before_remote()
     if len(hosts) == 1:
         return [Outcome(hosts[0].name, 0, "ok", step(hosts[0]))]
 
@@ -174,8 +205,9 @@ def fan_out(
             return Outcome(hs.name, 0, "ok", step(hs))
         except DeployError as exc:
             hs.say(f"error: {exc}")
-            # A failed host's connection may be dead: drop it (a later step reconnects).
-            hs.close()
+            if isinstance(exc, ConnectError):
+                # The connection is dead: drop it (a later step reconnects).
+                hs.close()
             return Outcome(hs.name, int(exc.status), str(exc))
 
     with ThreadPoolExecutor(max_workers=min(len(hosts), 32)) as pool:

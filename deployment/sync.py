@@ -135,12 +135,14 @@ def git_state(env: Environment) -> dict:
     return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
-def mark_up(runner: HostRunner, env: Environment, release_id: str, command: str, whole_stack: bool) -> None:
-    """The release is up: record it and switch `current` to it (then retention runs)."""
-    runner.run(
+def mark_up(runner: HostRunner, env: Environment, release_id: str, command: str, whole_stack: bool) -> dict[str, str]:
+    """The release is up: record it and switch `current` to it (then retention runs).
+    Returns the image ID each service now runs (service -> image ID)."""
+    res = runner.run(
         rh.mark_up_argv(
             env.env_dir, release_id, env.compose_project, deploy_record(env, release_id, command), whole_stack
         ),
         echo=False,
         what="recording the deployment",
     )
+    return rh.parse_ran(res.stdout)
