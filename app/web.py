@@ -24,7 +24,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         if DEBUG or not self.path.startswith("/health"):
-            sys.stderr.write("web: %s %s\n" % (self.address_string(), fmt % args))
+            sys.stderr.write(f"web: {self.address_string()} {fmt % args}\n")
 
     def reply(self, code, body):
         data = json.dumps(body, default=str).encode()

@@ -210,10 +210,10 @@ def bench_fanout(w, hosts, runs):
     extra = sorted((h for h in w["hosts"] if h.startswith("extra-host-")), key=lambda h: int(h.rsplit("-", 1)[1]))
     out = {}
     cpu = {}
+    ps = "docker compose -p bench-b1 ps"
     for n in (1, 4, 16):
         names = extra[:n]
         ansible, aenv = ansible_env(w, names)
-        ps = "docker compose -p bench-b1 ps"
 
         def tool(n=n):
             wall, own, busy = timed_cpu([*DEPLOY, "--hosts", str(hosts), f"fan{n}", "status"])
@@ -263,7 +263,7 @@ def bench_fanout(w, hosts, runs):
             f"no SSH: {n} x compose ps here": remote_work_only,
         }
         out[n] = compare(cases, runs)
-        own, busy, wall = (statistics.median(v) for v in zip(*cpu[n][1:]))  # [0] is the warm-up
+        own, busy, wall = (statistics.median(v) for v in zip(*cpu[n][1:], strict=True))  # [0] is the warm-up
         out[n][f"deploy.py status ({n} hosts)"].update(tool_cpu_s=own, machine_busy_cpu_s=busy)
         out[n][f"deploy.py status ({n} hosts)"]["extra"] = (
             f"tool CPU {own:.2f} s, machine busy {busy:.2f} CPU-s = {100 * busy / wall / os.cpu_count():.0f}% "
@@ -296,7 +296,8 @@ def make_remote_file(w, mib: int) -> str:
                 "-F",
                 w["ssh_config"],
                 "dev-host",
-                f"mkdir -p {w['remote_root']}/bench && head -c {mib << 20} /dev/urandom > {path}.tmp && mv {path}.tmp {path}",
+                f"mkdir -p {w['remote_root']}/bench"
+                f" && head -c {mib << 20} /dev/urandom > {path}.tmp && mv {path}.tmp {path}",
             ]
         )
     return path
@@ -327,7 +328,7 @@ def run_probe(args: list[str]) -> tuple[float, int]:
 
 def cpu_note(action: str) -> tuple[str, dict]:
     """The median CPU figures of a probe's timed runs (the warm-up left out), and a text."""
-    own, busy, wall = (statistics.median(v) for v in zip(*PROBE_CPU.pop(action)[1:]))
+    own, busy, wall = (statistics.median(v) for v in zip(*PROBE_CPU.pop(action)[1:], strict=True))
     return (
         f"tool CPU {own:.2f} s, machine busy {100 * busy / wall / os.cpu_count():.0f}% of {os.cpu_count()} cores",
         {"tool_cpu_s": own, "machine_busy_cpu_s": busy},
@@ -335,84 +336,87 @@ def cpu_note(action: str) -> tuple[str, dict]:
 
 
 def bench_pull(w, hosts, bindir, runs, sizes):
-    out = {}
-    for mib in sizes:
-        remote = make_remote_file(w, mib)
-        # The expected checksum comes from the dump phase in a real backup; not timed here.
-        sha = sh(["sha256sum", remote]).stdout.split()[0]
-        local = WORK / "pulled.bin"
-        rss = {}
+    return {str(mib): bench_pull_size(w, hosts, runs, mib) for mib in sizes}
 
-        def tool(mib=mib, remote=remote, sha=sha):
-            local.unlink(missing_ok=True)
-            dt, kib = run_probe(["pull", str(hosts), remote, str(local), str(mib << 20), sha])
-            rss.setdefault("tool", []).append(kib)
-            return dt
 
-        def fabric_get(remote=remote):
-            local.unlink(missing_ok=True)
-            dt, kib = run_probe(["fabric-get", str(hosts), remote, str(local)])
-            rss.setdefault("fabric", []).append(kib)
-            return dt
+def bench_pull_size(w, hosts, runs, mib):
+    """One size of the pull benchmark. Its own function, so that the cases close over
+    this size's file, checksum and RSS samples (they run only inside this call)."""
+    remote = make_remote_file(w, mib)
+    # The expected checksum comes from the dump phase in a real backup; not timed here.
+    sha = sh(["sha256sum", remote]).stdout.split()[0]
+    local = WORK / "pulled.bin"
+    rss = {}
 
-        def ssh_cat(remote=remote):
-            local.unlink(missing_ok=True)
-            with open(local, "wb") as fh:
-                wall, own, busy = timed_cpu(["ssh", "-F", w["ssh_config"], "dev-host", f"cat {remote}"], stdout=fh)
-            PROBE_CPU.setdefault("ssh-cat", []).append((own, busy, wall))
-            return wall
-
-        def scp(remote=remote):
-            local.unlink(missing_ok=True)
-            return timed(["scp", "-q", "-F", w["ssh_config"], f"dev-host:{remote}", str(local)])
-
-        def ssh_checked(remote=remote, sha=sha):
-            # What it takes with OpenSSH to know the same things the tool knows at the end:
-            # the file is whole (its sha256) and on disk.
-            local.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            subprocess.run(
-                [
-                    "sh",
-                    "-c",
-                    'ssh -F "$1" dev-host cat "$2" > "$3" && sha256sum "$3" && sync "$3"',
-                    "sh",
-                    w["ssh_config"],
-                    remote,
-                    str(local),
-                ],
-                check=True,
-                capture_output=True,
-            )
-            return time.perf_counter() - t0
-
-        cases = {
-            "deploy pull (stream + sha256 + fsync)": tool,
-            "ssh HOST cat > file": ssh_cat,
-            "ssh cat > file; sha256sum; sync": ssh_checked,
-            "scp": scp,
-            "fabric Connection.get": fabric_get,
-        }
-        r = compare(cases, runs)
-        for name, res in r.items():
-            res["MiB_per_s"] = mib / res["median"]
-        r["deploy pull (stream + sha256 + fsync)"]["peak_rss_mib"] = max(rss["tool"]) / 1024
-        r["fabric Connection.get"]["peak_rss_mib"] = max(rss["fabric"]) / 1024
-        note, figures = cpu_note("pull")
-        ssh_note, ssh_figures = cpu_note("ssh-cat")
-        PROBE_CPU.pop("fabric-get", None)
-        r["deploy pull (stream + sha256 + fsync)"].update(figures)
-        r["ssh HOST cat > file"].update(ssh_figures)
-        for name in r:
-            r[name]["extra"] = f"{r[name]['MiB_per_s']:.0f} MiB/s" + (
-                f", peak RSS {r[name]['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r[name] else ""
-            )
-        r["deploy pull (stream + sha256 + fsync)"]["extra"] += f", {note}"
-        r["ssh HOST cat > file"]["extra"] += f", {ssh_note.replace('tool', 'ssh')}"
-        table(f"3. Backup pull of {mib} MiB (median wall time; ratio < 1 is faster)", r, "ssh HOST cat > file")
-        out[mib] = r
+    def tool():
         local.unlink(missing_ok=True)
-    return {str(k): v for k, v in out.items()}
+        dt, kib = run_probe(["pull", str(hosts), remote, str(local), str(mib << 20), sha])
+        rss.setdefault("tool", []).append(kib)
+        return dt
+
+    def fabric_get():
+        local.unlink(missing_ok=True)
+        dt, kib = run_probe(["fabric-get", str(hosts), remote, str(local)])
+        rss.setdefault("fabric", []).append(kib)
+        return dt
+
+    def ssh_cat():
+        local.unlink(missing_ok=True)
+        with open(local, "wb") as fh:
+            wall, own, busy = timed_cpu(["ssh", "-F", w["ssh_config"], "dev-host", f"cat {remote}"], stdout=fh)
+        PROBE_CPU.setdefault("ssh-cat", []).append((own, busy, wall))
+        return wall
+
+    def scp():
+        local.unlink(missing_ok=True)
+        return timed(["scp", "-q", "-F", w["ssh_config"], f"dev-host:{remote}", str(local)])
+
+    def ssh_checked():
+        # What it takes with OpenSSH to know the same things the tool knows at the end:
+        # the file is whole (its sha256) and on disk.
+        local.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                "sh",
+                "-c",
+                'ssh -F "$1" dev-host cat "$2" > "$3" && sha256sum "$3" && sync "$3"',
+                "sh",
+                w["ssh_config"],
+                remote,
+                str(local),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return time.perf_counter() - t0
+
+    cases = {
+        "deploy pull (stream + sha256 + fsync)": tool,
+        "ssh HOST cat > file": ssh_cat,
+        "ssh cat > file; sha256sum; sync": ssh_checked,
+        "scp": scp,
+        "fabric Connection.get": fabric_get,
+    }
+    r = compare(cases, runs)
+    for res in r.values():
+        res["MiB_per_s"] = mib / res["median"]
+    r["deploy pull (stream + sha256 + fsync)"]["peak_rss_mib"] = max(rss["tool"]) / 1024
+    r["fabric Connection.get"]["peak_rss_mib"] = max(rss["fabric"]) / 1024
+    note, figures = cpu_note("pull")
+    ssh_note, ssh_figures = cpu_note("ssh-cat")
+    PROBE_CPU.pop("fabric-get", None)
+    r["deploy pull (stream + sha256 + fsync)"].update(figures)
+    r["ssh HOST cat > file"].update(ssh_figures)
+    for name in r:
+        r[name]["extra"] = f"{r[name]['MiB_per_s']:.0f} MiB/s" + (
+            f", peak RSS {r[name]['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r[name] else ""
+        )
+    r["deploy pull (stream + sha256 + fsync)"]["extra"] += f", {note}"
+    r["ssh HOST cat > file"]["extra"] += f", {ssh_note.replace('tool', 'ssh')}"
+    table(f"3. Backup pull of {mib} MiB (median wall time; ratio < 1 is faster)", r, "ssh HOST cat > file")
+    local.unlink(missing_ok=True)
+    return r
 
 
 def bench_push(w, hosts, runs, mib):
@@ -442,7 +446,7 @@ def bench_push(w, hosts, runs, mib):
         "fabric Connection.put": lambda: run_probe(["fabric-put", str(hosts), str(local), remote])[0],
     }
     r = compare(cases, runs)
-    for name, res in r.items():
+    for res in r.values():
         res["MiB_per_s"] = mib / res["median"]
         res["extra"] = f"{res['MiB_per_s']:.0f} MiB/s"
     r["deploy push (SFTP, pipelined)"]["peak_rss_mib"] = max(rss) / 1024

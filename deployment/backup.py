@@ -140,7 +140,8 @@ RESTORE_SCRIPT = (
         'ids=$(docker ps -q --filter "label=com.docker.compose.project=$2" --filter status=running); '
         'for i in $ids; do [ "$i" = "$c" ] || stopped="$stopped $i"; done; '
         'if [ -n "$stopped" ]; then '
-        '  names=$(docker inspect -f "{{index .Config.Labels \\"com.docker.compose.service\\"}}" $stopped | tr "\\n" " "); '
+        '  names=$(docker inspect -f "{{index .Config.Labels \\"com.docker.compose.service\\"}}" $stopped'
+        ' | tr "\\n" " "); '
         '  echo "stopping the services that use the database: $names" >&2; docker stop $stopped >/dev/null; fi; '
         'echo "verified; restoring in one transaction" >&2; '
         'docker exec -e PGAPPNAME="deploy-$7" "$c" sh -c \''
@@ -335,7 +336,7 @@ class EnvLock:
     def __init__(self, directory: Path, name: str):
         self.directory = directory
         self.path = directory / f".{name}.lock"
-        self.fd = None
+        self.fd: int | None = None
 
     def __enter__(self):
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -360,6 +361,7 @@ class EnvLock:
         return self
 
     def __exit__(self, *exc):
+        assert self.fd is not None  # set by __enter__, which must have succeeded
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
@@ -514,7 +516,7 @@ def local_backups(directory: Path, env: Environment) -> list[Path]:
 
 def prune_local(directory: Path, env: Environment, keep: int, newest: Path | None = None) -> list[Path]:
     """Remove all but the `keep` newest local backups (1 to 10000), never `newest`."""
-    keep = limits.KEEP.check(keep)
+    limits.KEEP.check(keep)  # raises unless a whole number from 1 to 10000
     removed = []
     for old in local_backups(directory, env)[keep:]:
         if newest is not None and old.name == newest.name:

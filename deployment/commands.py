@@ -8,6 +8,7 @@ validated here against an allowlist and placed after `--`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -48,7 +49,7 @@ class Compose:
 
     def up(
         self,
-        services: list[str] = (),
+        services: Sequence[str] = (),
         detach: bool = False,
         build: bool = False,
         wait_timeout: int | None = None,
@@ -74,11 +75,11 @@ class Compose:
     def down(self, volumes: bool = False) -> list[str]:
         return self.base() + ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
 
-    def build(self, services: list[str] = ()) -> list[str]:
+    def build(self, services: Sequence[str] = ()) -> list[str]:
         return self.base() + ["build", "--", *services]
 
     def logs(
-        self, services: list[str] = (), follow: bool = False, tail: int | None = None, timestamps: bool = False
+        self, services: Sequence[str] = (), follow: bool = False, tail: int | None = None, timestamps: bool = False
     ) -> list[str]:
         argv = self.base() + ["logs", "--no-color"]
         if follow:

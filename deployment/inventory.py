@@ -493,10 +493,13 @@ class _Validator:
         for key in value:
             if not isinstance(key, str):
                 raise self.fail(at, f"key {_show(key)} must be a string, not {_kind(key)}")
-        unknown = sorted(set(value) - allowed) if allowed is not None else []
-        if unknown:
-            prefix = f"{where}." if where else ""
-            raise self.fail(f"{prefix}{_key(unknown[0])}", f"unknown key (allowed here: {', '.join(sorted(allowed))})")
+        if allowed is not None:
+            unknown = sorted(set(value) - allowed)
+            if unknown:
+                prefix = f"{where}." if where else ""
+                raise self.fail(
+                    f"{prefix}{_key(unknown[0])}", f"unknown key (allowed here: {', '.join(sorted(allowed))})"
+                )
         return value
 
     def optional_mapping(self, container: dict, key: str, where: str, allowed: set[str] | None) -> dict:
@@ -529,6 +532,12 @@ class _Validator:
             return limit.check(value)
         except (ValueError, OverflowError) as exc:
             raise self.fail(where, str(exc)) from None
+
+    def whole(self, value: Any, where: str, limit: limits.Limit) -> int:
+        """limited() for a whole-number limit (a port, a count), typed as the int it is."""
+        n = self.limited(value, where, limit)
+        assert isinstance(n, int), limit  # limited() lets only an int through when limit.integer
+        return n
 
     def stat(self, p: Path, where: str) -> os.stat_result | None:
         """p's stat, None if it does not exist; other failures (permission, name too long,
@@ -600,7 +609,7 @@ class _Validator:
         compose_file = self.existing(spec["compose_file"], f"{where}.compose_file")
         hosts = self.hosts(spec["hosts"], f"{where}.hosts")
         user = self.string(merged["user"], src("user"), USER_RE, "user name") if "user" in merged else None
-        port = self.limited(merged["port"], src("port"), limits.PORT) if "port" in merged else None
+        port = self.whole(merged["port"], src("port"), limits.PORT) if "port" in merged else None
         remote_dir = self.single_line(merged.get("remote_dir", f"/srv/{project}"), src("remote_dir"))
         if not remote_dir.startswith(("/", "~/")) or any(c in remote_dir for c in "'\"$`\\"):
             raise self.fail(
@@ -625,7 +634,7 @@ class _Validator:
             if "dir" in backup
             else self.cwd(f"{src('backup')}.dir") / "backups" / name
         )
-        keep = self.limited(backup.get("keep", 14), f"{src('backup')}.keep", limits.KEEP)
+        keep = self.whole(backup.get("keep", 14), f"{src('backup')}.keep", limits.KEEP)
         connect_timeout = self.limited(
             merged.get("connect_timeout", 10), src("connect_timeout"), limits.CONNECT_TIMEOUT
         )
@@ -701,7 +710,7 @@ class _Validator:
         """With a `roles:` mapping, every role a host carries must be in it (a host
         without `roles` has the role app), or that host would run nothing."""
         known = ", ".join(role_services) or "(none)"
-        for i, (item, host) in enumerate(zip(raw_hosts, hosts)):
+        for i, (item, host) in enumerate(zip(raw_hosts, hosts, strict=True)):
             explicit = isinstance(item, dict) and "roles" in item
             for j, role in enumerate(host.roles):
                 if role in role_services:
@@ -720,8 +729,8 @@ class _Validator:
     def ssh_config(self, merged: dict, where: str) -> Path | None:
         """Like OpenSSH: a missing ~/.ssh/config is fine, a missing explicit file is not.
         It must be a regular file (or /dev/null): Fabric reads all of it."""
-        default = os.path.expanduser("~/.ssh/config")
-        default = None if default.startswith("~") else Path(default)  # None: no home directory
+        home_config = os.path.expanduser("~/.ssh/config")
+        default = None if home_config.startswith("~") else Path(home_config)  # None: no home directory
         if "ssh_config" in merged:
             p = self.local_path(merged["ssh_config"], where)
         elif default is None:
@@ -793,6 +802,7 @@ class _Validator:
             if not USER_RE.fullmatch(user):
                 raise self.fail(where, f"{shown}: {_show(user)} is not a valid user name")
         m = HOST_PORT_RE.fullmatch(s)
+        assert m is not None  # the pattern matches every string
         name, port_s = m.group(1), m.group(2)
         if port_s is not None:
             if len(port_s) > 5 or not 0 < int(port_s) < 65536:

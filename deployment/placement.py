@@ -223,7 +223,8 @@ def check_requested(
             roles = [r for r, wanted in (env.role_services or {}).items() if service in wanted]
             raise UsageError(
                 _one_line(
-                    f"{_q(service)} runs on none of the selected hosts of {env.name} ({_names(h.label for h in hosts)}); "
+                    f"{_q(service)} runs on none of the selected hosts of {env.name} "
+                    f"({_names(h.label for h in hosts)}); "
                     f"it runs on {_names(runs)} (roles {_names(roles)} in "
                     f"{env.inventory_path}: environments.{env.name}.roles)"
                 )

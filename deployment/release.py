@@ -329,17 +329,17 @@ def _references(compose: dict, path: Path) -> list[_Ref]:
                     if "source" in vol and not isinstance(vol["source"], str):
                         raise fail(f"{wi}.source", f"must be a string, not {_kind(vol['source'])}")
                     src = vol.get("source") or ""
-                    target = vol.get("target")
+                    long_target = vol.get("target")
                     if kind == "bind" and src.startswith("."):
-                        if not isinstance(target, str) or not target:
-                            raise fail(f"{wi}.target", f"must be a non-empty string, not {_kind(target)}")
+                        if not isinstance(long_target, str) or not long_target:
+                            raise fail(f"{wi}.target", f"must be a non-empty string, not {_kind(long_target)}")
                         refs.append(
                             _Ref(
                                 f"{wi}.source",
                                 src,
                                 "bind",
                                 service=name,
-                                target=target,
+                                target=long_target,
                                 read_only=vol.get("read_only") is True,
                             )
                         )
@@ -440,15 +440,13 @@ def _walk(path: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(path):
         d = Path(dirpath)
         rel_dir = d.relative_to(path).as_posix()
-
-        def rel(name: str) -> str:
-            return name if rel_dir == "." else f"{rel_dir}/{name}"
-
+        # What an entry of this directory is called in the .dockerignore rules.
+        prefix = "" if rel_dir == "." else f"{rel_dir}/"
         dirnames[:] = sorted(
-            n for n in dirnames if n not in ALWAYS_IGNORED and not (prune and dockerignore.excluded(rel(n), rules))
+            n for n in dirnames if n not in ALWAYS_IGNORED and not (prune and dockerignore.excluded(prefix + n, rules))
         )
         for name in sorted(filenames):
-            if name in ALWAYS_IGNORED or dockerignore.excluded(rel(name), rules):
+            if name in ALWAYS_IGNORED or dockerignore.excluded(prefix + name, rules):
                 continue
             try:
                 mode = os.lstat(d / name).st_mode

@@ -21,7 +21,14 @@ from invoke.exceptions import CommandTimedOut
 from paramiko.buffered_pipe import PipeTimeout
 from paramiko.ssh_exception import SSHException
 
-from .errors import ConnectError, RemoteError, StepInterrupted, deferred_interrupts, shielded_from_interrupts
+from .errors import (
+    ConnectError,
+    DeployError,
+    RemoteError,
+    StepInterrupted,
+    deferred_interrupts,
+    shielded_from_interrupts,
+)
 
 # Set when Ctrl+C was forwarded to a remote pty. Invoke then waits for the remote
 # command to end (compose stops the services cleanly) and returns its exit code as if
@@ -229,7 +236,10 @@ class HostRunner:
             LineWriter(self.stderr, self.prefix).write(f"$ {command}\n")
         return command
 
-    def _timed_out(self, what: str, timeout: float) -> RemoteError:
+    def _timed_out(self, what: str, timeout: float | None) -> DeployError:
+        if timeout is None:
+            # No command timeout was set, so the TimeoutError is the connection's (ETIMEDOUT).
+            return ConnectError(f"{self.name}: connection lost during {what}: timed out")
         return RemoteError(
             f"{self.name}: {what} did not finish within {timeout:g} s (command timeout)",
             hint="raise command_timeout in hosts.yaml if it is expected",
@@ -326,9 +336,11 @@ class HostRunner:
         """Stop the step on the host, wait for it to end, and say what became of it."""
         say = LineWriter(self.stderr, self.prefix)
         say.write(f"{self.name}: stopping {what} on the host and waiting for it to end\n")
-        with shielded_from_interrupts(
-            lambda: say.write(f"{self.name}: still stopping {what}; waiting for the host to confirm\n")
-        ):
+
+        def notice() -> None:
+            say.write(f"{self.name}: still stopping {what}; waiting for the host to confirm\n")
+
+        with shielded_from_interrupts(notice):
             result = None
             try:
                 self._capture(command_line(stop_argv), 30, f"stopping {what}")
@@ -397,7 +409,11 @@ class HostRunner:
                 sftp = paramiko.SFTPClient.from_transport(
                     self.conn.transport, window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET
                 )
-                sftp.get_channel().settimeout(self.command_timeout)
+                if sftp is None:  # paramiko raises rather than returning None; the stubs allow None
+                    raise ConnectError(f"{self.name}: upload to {remote_path} failed: no SFTP channel")
+                channel = sftp.get_channel()
+                assert channel is not None  # an SFTPClient is made on its channel
+                channel.settimeout(self.command_timeout)
                 with _create(sftp, remote_path, mode) as dst:
                     created = True
                     dst.MAX_REQUEST_SIZE = SFTP_REQUEST  # sftp-server takes messages up to 256 KiB
@@ -430,7 +446,8 @@ def _create(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFil
 
     attrs = paramiko.SFTPAttributes()
     attrs.st_mode = mode
-    t, msg = sftp._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
+    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
+    t, msg = sftp._request(CMD_OPEN, path, flags, attrs)  # type: ignore[attr-defined]  # private, not in the stubs
     if t != CMD_HANDLE:
         raise SFTPError("Expected handle")
     return paramiko.SFTPFile(sftp, msg.get_binary(), "wb")

@@ -58,6 +58,11 @@ def warn_stderr(msg: str) -> None:
     sys.stderr.flush()
 
 
+# paramiko's cipher order, which _Transport reorders. It and the private methods
+# _Transport overrides are not in types-paramiko, hence the type: ignore comments.
+_PARAMIKO_CIPHERS: tuple[str, ...] = paramiko.Transport._preferred_ciphers  # type: ignore[attr-defined]
+
+
 class _Transport(paramiko.Transport):
     """paramiko's transport, with three changes.
 
@@ -75,8 +80,8 @@ class _Transport(paramiko.Transport):
     timed out"). Here such a reply is held and sent as soon as the new keys are in.
     """
 
-    _preferred_ciphers = tuple(c for c in paramiko.Transport._preferred_ciphers if "gcm" in c) + tuple(
-        c for c in paramiko.Transport._preferred_ciphers if "gcm" not in c
+    _preferred_ciphers = tuple(c for c in _PARAMIKO_CIPHERS if "gcm" in c) + tuple(
+        c for c in _PARAMIKO_CIPHERS if "gcm" not in c
     )
 
     def __init__(self, sock, *args, **kwargs):
@@ -96,14 +101,14 @@ class _Transport(paramiko.Transport):
                     # Sending anything but key-exchange messages now would break the protocol.
                     self._held.append(data)
                     return
-        super()._send_user_message(data)
+        super()._send_user_message(data)  # type: ignore[misc]  # private, not in the stubs
 
     def _parse_newkeys(self, m):
-        super()._parse_newkeys(m)
+        super()._parse_newkeys(m)  # type: ignore[misc]  # private, not in the stubs
         with self.clear_to_send_lock:
             held, self._held = self._held, []
             for data in held:
-                self._send_message(data)
+                self._send_message(data)  # type: ignore[attr-defined]  # private, not in the stubs
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,8 @@ class _NumberedLines:
         self.lineno = 0
 
     def __iter__(self):
-        for self.lineno, line in enumerate(io.StringIO(self.text, newline=None), 1):
+        for lineno, line in enumerate(io.StringIO(self.text, newline=None), 1):
+            self.lineno = lineno
             yield line
 
 
@@ -242,16 +248,21 @@ def _parse_line(fields: list[str], lineno: int) -> tuple[HostKeyEntry | None, st
     try:
         entry = HostKeyEntry.from_line(f"{names} {keytype} {b64}", lineno)
     except Exception:
-        entry = False
+        return None, _invalid_key(blob, keytype)
     if entry is None:
         return None, f"key type {keytype!r} is not supported"
     # A truncated key can still load (as another key); only an exact round trip is that key.
-    if entry is False or entry.key.asbytes() != blob:
-        inner = _blob_type(blob)
-        if inner and inner != keytype:
-            return None, f"the key is of type {inner!r}, not {keytype!r}"
-        return None, f"the key is not a valid {keytype} key (truncated or malformed)"
+    if entry.key.asbytes() != blob:
+        return None, _invalid_key(blob, keytype)
     return entry, ""
+
+
+def _invalid_key(blob: bytes, keytype: str) -> str:
+    """Why a key blob that does not load as exactly itself is refused."""
+    inner = _blob_type(blob)
+    if inner and inner != keytype:
+        return f"the key is of type {inner!r}, not {keytype!r}"
+    return f"the key is not a valid {keytype} key (truncated or malformed)"
 
 
 def _blob_type(blob: bytes) -> str | None:
@@ -429,7 +440,10 @@ def open_connection(host: Host, policy: SSHPolicy, *, warn: Warn | None = None) 
             hint="check User and IdentityFile in ssh_config, or the key in the agent",
         ) from None
     except NoValidConnectionsError as exc:
-        reason = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
+        # paramiko collects the socket errors (OSError); the stubs type them as Exception.
+        reason = "; ".join(
+            sorted({(e.strerror if isinstance(e, OSError) else None) or str(e) for e in exc.errors.values()})
+        )
         raise ConnectError(
             f"{where}: cannot connect: {reason}", hint="is sshd running there, and are HostName and Port right?"
         ) from None

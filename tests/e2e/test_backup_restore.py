@@ -208,7 +208,7 @@ def test_other_environments_backup_refused_on_protected_unless_allowed(stack):
 def test_keep_2_keeps_exactly_the_two_newest_here_and_on_the_host(stack):
     s = stack("dev").ready()
     made = []
-    for i in range(3):
+    for _ in range(3):
         r = s.deploy("backup", "--keep", "2")
         assert r.code == 0, r.text
         made.append(s.local())

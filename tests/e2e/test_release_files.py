@@ -148,7 +148,8 @@ def test_stale_uploads_are_swept_and_a_fresh_one_stays(world, make_inventory, tm
             "sh",
             "-c",
             'touch -d "2 hours ago" "$1/old.x.tar.gz" && touch -d "30 minutes ago" "$1/recent.y.tar.gz"'
-            ' && touch "$1/fresh.z.tar.gz" && mkdir "$1/../releases/.lost.42" && touch -d "3 hours ago" "$1/../releases/.lost.42"',
+            ' && touch "$1/fresh.z.tar.gz" && mkdir "$1/../releases/.lost.42"'
+            ' && touch -d "3 hours ago" "$1/../releases/.lost.42"',
             "-",
             incoming,
         )

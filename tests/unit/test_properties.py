@@ -466,6 +466,11 @@ def test_special_files_never_block_or_crash(workdir):
     fifo = workdir / "fifo.yaml"
     if not fifo.exists():
         os.mkfifo(fifo)
+
+    # The thread gets its path and list as arguments: it may outlive its round of the loop.
+    def load_into(done: list, p: Path) -> None:
+        done.append(assert_loads_or_refuses_cleanly(p))
+
     for p in [
         workdir,
         fifo,
@@ -479,7 +484,7 @@ def test_special_files_never_block_or_crash(workdir):
         Path(""),
     ]:
         done = []
-        t = threading.Thread(target=lambda: done.append(assert_loads_or_refuses_cleanly(p)), daemon=True)
+        t = threading.Thread(target=load_into, args=(done, p), daemon=True)
         t.start()
         t.join(10)
         if t.is_alive():
