@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TESTBED_DIR ?= /var/tmp/deploy-testbed
 export TESTBED_DIR
 
-.PHONY: all test unit e2e venv testbed testbed-down testbed-status demo bench clean
+.PHONY: all test lint unit e2e venv testbed testbed-down testbed-status demo bench clean
 
 all: test
 
@@ -33,8 +33,15 @@ testbed-status:
 # wall time about threefold. Every test has its own project, ports and remote dir.
 PYTEST_WORKERS ?= 4
 
-test: venv testbed
+test: venv lint testbed
 	$(PY) -m pytest -n $(PYTEST_WORKERS)
+
+# Lint, format and type checks take seconds; run first, they fail fast before the
+# test world is built. mypy checks the package only (tests and bench are untyped).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy deployment
 
 unit: venv
 	$(PY) -m pytest tests/unit
