@@ -35,9 +35,9 @@ def unlock(
     found = {o.host: o.value for o in fan_out(hosts, _holder, out=QUIET)}
     locked = {host: holder for host, holder in found.items() if holder is not None}
     for hs in hosts:
-        if hs.name not in locked:
-            # Nothing is done here: no line in this host's history either.
-            hs.used = False
+        # Reading changed nothing: a host gets a line in its history only once its lock
+        # is cleared (a refused confirmation leaves none).
+        hs.used = False
     if not locked:
         out.write(f"{env.name} is not locked on {', '.join(hs.name for hs in hosts)}; nothing to clear\n")
         return ExitStatus.OK

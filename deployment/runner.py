@@ -133,8 +133,26 @@ class InterruptibleRemote(fabric.runners.Remote):
     """Fabric's remote runner, remembering that the operator pressed Ctrl+C."""
 
     def send_interrupt(self, interrupt):
+        _PENDING[:] = [interrupt]
         INTERRUPTED.set()
         super().send_interrupt(interrupt)
+
+
+# The interrupt invoke caught (KeyboardInterrupt, or Terminated for SIGTERM/SIGHUP), so
+# that the one raised once the remote command ended says which it was.
+_PENDING: list[BaseException] = []
+
+
+def _raise_pending_interrupt() -> None:
+    """Raise the interrupt invoke held back, once: the steps that run after it (releasing
+    the lock, writing the history) must not see it again."""
+    if INTERRUPTED.is_set():
+        INTERRUPTED.clear()
+        pending = _PENDING[:1]
+        _PENDING.clear()
+        if pending and isinstance(pending[0], KeyboardInterrupt):
+            raise pending[0]
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -261,8 +279,7 @@ class HostRunner:
             for w in (out, err):
                 if w:
                     w.finish()
-        if INTERRUPTED.is_set():
-            raise KeyboardInterrupt
+        _raise_pending_interrupt()
         return Result(res.exited, res.stdout, res.stderr)
 
     def _capture(self, command: str, timeout: float | None, what: str) -> Result:
@@ -286,8 +303,7 @@ class HostRunner:
             raise self._timed_out(what, timeout) from None
         except (OSError, EOFError, SSHException) as exc:
             raise ConnectError(f"{self.name}: connection lost during {what}: {exc or type(exc).__name__}") from None
-        if INTERRUPTED.is_set():
-            raise KeyboardInterrupt
+        _raise_pending_interrupt()
         return Result(status, out.decode(errors="replace"), b"".join(err_chunks).decode(errors="replace"))
 
     def run_stoppable(
