@@ -490,6 +490,45 @@ def bench_connections(w, hosts):
     return out
 
 
+def bench_lock(hosts, runs):
+    """The same command with the deploy lock and history as shipped, and with both switched
+    off (bench/lock_probe.py): SSH connections and channels opened, and whole-process time."""
+    probe = [PY, str(REPO / "bench" / "lock_probe.py")]
+    commands = {"up -d (no change)": ["up", "-d"], "migrate (none pending)": ["migrate"]}
+    out = {}
+    print("\n9. The deploy lock and history: a command with them (as shipped) and without")
+    print(f"  {'command':<24} {'lock':<5} {'connections':>11} {'channels':>8} {'median s':>9}")
+    for name, args in commands.items():
+        got: dict[str, list] = {"on": [], "off": []}
+        for i in range(runs + 1):  # the first round is a warm-up
+            for mode in ("on", "off"):
+                t0 = time.perf_counter()
+                res = sh([*probe, "--lock", mode, "--", "--hosts", str(hosts), "b1", *args])
+                wall = time.perf_counter() - t0
+                rec = json.loads(res.stdout.strip().splitlines()[-1])
+                if rec["code"] != 0:
+                    raise SystemExit(f"bench: lock probe {mode} {args} exited {rec['code']}")
+                if i:
+                    got[mode].append({**rec, "wall": wall})
+        out[name] = {}
+        for mode in ("on", "off"):
+            recs = got[mode]
+            row = {
+                "connections": max(r["connections"] for r in recs),
+                "channels": statistics.median(r["channels"] for r in recs),
+                "median_s": statistics.median(r["wall"] for r in recs),
+            }
+            out[name][mode] = row
+            print(f"  {name:<24} {mode:<5} {row['connections']:>11} {row['channels']:>8g} {row['median_s']:>9.3f}")
+        on, off = out[name]["on"], out[name]["off"]
+        print(
+            f"  {'':<24} lock adds {on['connections'] - off['connections']} connections, "
+            f"{on['channels'] - off['channels']:g} channels, {on['median_s'] - off['median_s']:+.3f} s "
+            f"({on['median_s'] / off['median_s']:.2f}x)"
+        )
+    return out
+
+
 # --- releases: rollback, and a one-line change ------------------------------------------------
 # Both rows work on stacks of their own on dev-host: a unique project, its own remote
 # directory under the world's remote_root, copies of the app outside this checkout (each
@@ -958,7 +997,7 @@ def bench_change(stacks: ReleaseStacks, runs: int) -> dict:
     return {"cases": r, "problems": problems}
 
 
-ROWS = ["latency", "fanout", "pull", "push", "redeploy", "connections", "rollback", "change"]
+ROWS = ["latency", "fanout", "pull", "push", "redeploy", "connections", "rollback", "change", "lock"]
 
 
 def ensure_rsync() -> None:
@@ -992,7 +1031,7 @@ def main() -> int:
     bindir = ssh_wrapper(w)
     hosts = inventory(w)
     os.environ["PATH"] = f"{bindir}:{os.environ['PATH']}"
-    if want & {"latency", "fanout", "pull", "push", "redeploy", "connections"}:
+    if want & {"latency", "fanout", "pull", "push", "redeploy", "connections", "lock"}:
         # The stack those commands look at: up and migrated once.
         for argv in (["up", "-d"], ["migrate"]):
             res = sh([*DEPLOY, "--hosts", str(hosts), "b1", *argv], check=False)
@@ -1028,6 +1067,8 @@ def main() -> int:
         results["redeploy"] = bench_redeploy(hosts, args.runs)
     if "connections" in want:
         results["connections"] = bench_connections(w, hosts)
+    if "lock" in want:
+        results["lock"] = bench_lock(hosts, args.runs)
     if want & {"rollback", "change"}:
         stacks = ReleaseStacks(w)
         results["releases_project"] = stacks.project

@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING
 
 from . import __version__
 from . import lock as lk
-from .errors import DeployError, ExitStatus, LockedError, interruption, shielded_from_interrupts
+from .errors import ConnectError, DeployError, ExitStatus, LockedError, interruption, shielded_from_interrupts
 from .sync import git_state
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class Change:
                 "first (released at the end, with a line in history.jsonl)"
             )
             return
-        _connect_all(ordered)
+        ordered = _connect_all(ordered)
         deadline = time.monotonic() + self.invocation.lock_wait
         started = time.monotonic()
         try:
@@ -126,6 +126,13 @@ class Change:
             )
             got = lk.parse_acquire(res.stdout)
             if got.locked:
+                self.taken[hs.name] = got
+                return told
+            if got.holder is not None and got.holder.owner.token == self.owner.token:
+                # This run's own lock, taken through another host: the two share the
+                # environment's directory (an NFS home, one machine under two names).
+                # It is released once, by the host that took it.
+                got.locked, got.shared = True, True
                 self.taken[hs.name] = got
                 return told
             holder = got.holder or lk.Holder(lk.Owner(), 0.0)
@@ -161,7 +168,8 @@ class Change:
 
     def _release_taken(self) -> None:
         """Release the locks taken so far (a later host's lock could not be taken)."""
-        _each([(hs, []) for hs in self.sessions if hs.name in self.taken], lambda job: self._finish_host(*job))
+        taken = [hs for hs in self.sessions if hs.name in self.taken and not self.taken[hs.name].shared]
+        _each([(hs, []) for hs in taken], lambda job: self._finish_host(*job))
         self.taken.clear()
 
     # --- the end: history and release ---------------------------------------------------------
@@ -185,7 +193,7 @@ class Change:
             lines = []
             if self.invocation.writes_history and hs.used:
                 lines.append(self.entry(hs, result, per_host))
-            if lines or hs.name in self.taken:
+            if lines or (hs.name in self.taken and not self.taken[hs.name].shared):
                 jobs.append((hs, lines))
         if not jobs:
             return
@@ -199,7 +207,7 @@ class Change:
             _each(jobs, lambda job: self._finish_host(*job))
 
     def _finish_host(self, hs: HostSession, lines: list[dict]) -> None:
-        token = self.owner.token if hs.name in self.taken else None
+        token = self.owner.token if hs.name in self.taken and not self.taken[hs.name].shared else None
         what = " and ".join(
             w for w, on in (("record the history", bool(lines)), ("release the lock", token is not None)) if on
         )
@@ -288,18 +296,26 @@ def _iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
-def _connect_all(sessions: list[HostSession]) -> None:
-    """Open every host's connection at once (the command uses them next); the first
-    failure, in host order, is raised."""
+def _connect_all(sessions: list[HostSession]) -> list[HostSession]:
+    """Open every host's connection at once (the command uses them next) and return the
+    hosts reached. A host that cannot be reached is not changed by this run, so it needs
+    no lock: it is marked unreachable, and the command reports it as failed (exit 3) while
+    it goes on with the others. If none can be reached, the first failure is raised."""
     if len(sessions) == 1:
         sessions[0].open_runner()
-        return
+        return sessions
     with ThreadPoolExecutor(max_workers=min(len(sessions), 32)) as pool:
         futures = [pool.submit(hs.open_runner) for hs in sessions]
         errors = [f.exception() for f in futures]
-    for e in errors:
-        if e is not None:
+    for hs, e in zip(sessions, errors, strict=True):
+        if isinstance(e, ConnectError):
+            hs.unreachable = e
+        elif e is not None:
             raise e
+    reached = [hs for hs in sessions if hs.unreachable is None]
+    if not reached:
+        raise next(e for e in errors if e is not None)
+    return reached
 
 
 def _each(jobs: list, work) -> None:

@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from . import __version__, history, limits, lock_ops, release_ops
 from . import inventory as inv
@@ -30,7 +30,7 @@ class Command:
 
     name: str
     summary: str
-    configure: Callable[[argparse.ArgumentParser], None]
+    configure: Callable[[argparse.ArgumentParser], object]
     run: Callable[[argparse.Namespace, list[HostSession], IO3], ExitStatus]
     takes_lock: bool = False
     writes_history: bool = False
@@ -282,7 +282,7 @@ GLOBAL_DESTS = {"hosts", "dry_run", "verbose", "help"}
 
 
 def _global_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
-    d = {"default": argparse.SUPPRESS} if suppress else {}
+    d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     p.add_argument(
         "--hosts", metavar="PATH", help="inventory (default: $DEPLOY_HOSTS, else deployment/hosts.yaml)", **d
     )
@@ -363,7 +363,9 @@ def wants_help(args: list[str]) -> bool:
 
 def _split(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Global options, the (at most two) positionals ENV and COMMAND, and the command's args."""
-    pre, pos, i = [], [], 0
+    pre: list[str] = []
+    pos: list[str] = []
+    i = 0
     while i < len(argv) and len(pos) < 2:
         tok = argv[i]
         if tok == "--hosts" and i + 1 < len(argv):

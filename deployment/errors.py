@@ -121,7 +121,7 @@ class shielded_from_interrupts:
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
             return self
-        told = []
+        told: list[bool] = []
 
         def handler(_signum, _frame):
             if not told:

@@ -60,7 +60,7 @@ class _Flag:
             self.name = long.lstrip("-").replace("-", "_")
             self.option = long
         else:
-            self.name, self.option = action.dest, None
+            self.name, self.option = action.dest, ""
         self.boolean = isinstance(action, argparse._StoreTrueAction)
         self.many = action.nargs == "*"
 
@@ -103,7 +103,8 @@ def make_task(cmd: cli.Command) -> Task:
     params = [inspect.Parameter("c", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in flags]
     params.append(inspect.Parameter("env", inspect.Parameter.KEYWORD_ONLY, default=None))
-    body.__signature__ = inspect.Signature(params)
+    # invoke reads a task's parameters from its signature: this one is built, not written.
+    setattr(body, "__signature__", inspect.Signature(params))  # noqa: B010
     body.__name__ = cmd.name
     body.__doc__ = cmd.summary[:1].upper() + cmd.summary[1:] + "."
     help_ = {f.name: f.help for f in flags}

@@ -115,7 +115,8 @@ def merge(histories: list[HostHistory], count: int) -> list[Row]:
     runs: dict[str, list[dict]] = {}
     for h in histories:
         for e in h.entries:
-            key = e.get("id") if isinstance(e.get("id"), str) else json.dumps(e, sort_keys=True)
+            ident = e.get("id")
+            key = ident if isinstance(ident, str) else json.dumps(e, sort_keys=True)
             runs.setdefault(key, []).append(e)
     rows = [Row(sorted(es, key=lambda e: str(e.get("host")))) for es in runs.values()]
     rows.sort(key=lambda r: r.started, reverse=True)
@@ -137,7 +138,7 @@ def show(hosts: list[HostSession], count: int = 20, as_json: bool = False, out: 
         except DeployError as exc:
             return HostHistory(hs.name, error=str(exc), status=int(exc.status))
 
-    histories = [o.value for o in fan_out(hosts, step, out=QUIET)]
+    histories = [o.result() for o in fan_out(hosts, step, out=QUIET)]
     for h in histories:
         if h.error:
             hosts[0].warn(f"{h.host}: history not read: {h.error}")

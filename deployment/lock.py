@@ -250,6 +250,7 @@ class Acquired:
     current: str = ""  # the release `current` named when the lock was taken
     holder: Holder | None = None
     cleared: bool = False
+    shared: bool = False  # this run's own lock, seen again through another host name
 
 
 def parse_acquire(stdout: str) -> Acquired:

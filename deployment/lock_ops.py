@@ -32,7 +32,7 @@ def unlock(
             hs.runner.run(lk.show_argv(env.env_dir))
             hs.say("then: remove the lock shown, if it is still that run's")
         return ExitStatus.OK
-    found = {o.host: o.value for o in fan_out(hosts, _holder, out=QUIET)}
+    found = {o.host: o.result() for o in fan_out(hosts, _holder, out=QUIET)}
     locked = {host: holder for host, holder in found.items() if holder is not None}
     for hs in hosts:
         # Reading changed nothing: a host gets a line in its history only once its lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from . import release_host as rh
 from .commands import EXPAND_DIR, Compose, check_services
 from .errors import DeployError, ExitStatus, HostKeyError, RemoteError, UsageError
 from .inventory import Environment
-from .runner import last_line
+from .runner import HostRunner, last_line
 from .session import QUIET, HostSession, fan_out
 from .sync import deploy_record
 from .ui import confirm
@@ -51,7 +52,7 @@ def parse_ps(text: str) -> list[dict]:
 # --- up -----------------------------------------------------------------------------------
 
 
-def up(hosts: list[HostSession], services: list[str] = (), detach: bool = False, build: bool = False) -> ExitStatus:
+def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = False, build: bool = False) -> ExitStatus:
     env = hosts[0].env
     services = validate_services(env, list(services))
     compose_spec = rel.load_compose(env.compose_file)
@@ -169,7 +170,7 @@ def down(
 # --- build --------------------------------------------------------------------------------
 
 
-def build(hosts: list[HostSession], services: list[str] = ()) -> ExitStatus:
+def build(hosts: list[HostSession], services: Sequence[str] = ()) -> ExitStatus:
     env = hosts[0].env
     services = validate_services(env, list(services))
     release = rel.build(env)
@@ -187,7 +188,7 @@ def build(hosts: list[HostSession], services: list[str] = ()) -> ExitStatus:
 
 
 def logs(
-    hosts: list[HostSession], services: list[str] = (), follow: bool = False, tail: int | None = None
+    hosts: list[HostSession], services: Sequence[str] = (), follow: bool = False, tail: int | None = None
 ) -> ExitStatus:
     env = hosts[0].env
     services = validate_services(env, list(services))
@@ -270,7 +271,7 @@ def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None 
         except DeployError as exc:
             return HostStatus(hs.name, [], str(exc), int(exc.status), refused=isinstance(exc, HostKeyError))
 
-    results = [o.value for o in fan_out(hosts, step, out=QUIET)]
+    results = [o.result() for o in fan_out(hosts, step, out=QUIET)]
     if as_json:
         json.dump(
             {"environment": env.name, "project": env.compose_project, "hosts": [r.as_dict() for r in results]},
@@ -470,7 +471,9 @@ def _run_one_off(hs: HostSession, argv: list[str], step_id: str, container: str,
     if hs.dry_run:
         return hs.runner.run(argv)
     env = hs.env
-    return hs.runner.run_stoppable(
+    runner = hs.runner
+    assert isinstance(runner, HostRunner)
+    return runner.run_stoppable(
         argv,
         bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step_id, container),
         what=what,
@@ -546,17 +549,17 @@ def take_backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] 
     env = hosts[0].env
     hs = one_off_host(hosts)
     report = bk.Reporter(out or hs.out)
-    keep = limits.KEEP.check(env.backup_keep if keep is None else keep)
+    count = int(limits.KEEP.check(env.backup_keep if keep is None else keep))
     if hs.dry_run:
         # Nothing local is created either: no backup directory, no lock file.
         name = bk.backup_name(env, bk.utc_stamp())
         hs.runner.run(bk.dump_argv(env.env_dir, env.compose_project, env.db_service, name, "0" * 16))
         hs.runner.run(["cat", "--", f"{env.env_dir}/backups/{name}"])
         hs.say(f"pull -> {env.backup_dir / name} (.part, fsync, sha256 check, then rename) and a manifest")
-        hs.runner.run(bk.prune_argv(env.env_dir, keep, bk.backup_prefix(env), name))
+        hs.runner.run(bk.prune_argv(env.env_dir, count, bk.backup_prefix(env), name))
         return None
     with bk.EnvLock(env.backup_dir, env.compose_project):
-        return _backup_locked(hs, env, keep, report)
+        return _backup_locked(hs, env, count, report)
 
 
 def _dump_outcome(res) -> str:
@@ -581,7 +584,9 @@ def _backup_locked(hs: HostSession, env: Environment, keep: int | None, report: 
         final = directory / bk.backup_name(env, f"{bk.utc_stamp(created)}-{n}")
     report.line(f"backup {env.name}: dumping the {env.db_service} service's database on {hs.name}")
     step = bk.new_step_id()
-    res = hs.runner.run_stoppable(
+    runner = hs.runner
+    assert isinstance(runner, HostRunner)
+    res = runner.run_stoppable(
         bk.dump_argv(env.env_dir, env.compose_project, env.db_service, final.name, step),
         bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
         what="the dump",

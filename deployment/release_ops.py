@@ -37,8 +37,8 @@ def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | Non
                 "hosts": [
                     {
                         "host": o.host,
-                        "current": o.value.current or None,
-                        "releases": [r.as_dict() for r in o.value.releases],
+                        "current": o.result().current or None,
+                        "releases": [r.as_dict() for r in o.result().releases],
                     }
                     for o in listings
                 ],
@@ -50,11 +50,11 @@ def releases(hosts: list[HostSession], as_json: bool = False, out: IO[str] | Non
         return ExitStatus.OK
     for o in listings:
         out.write(f"{o.host}  ({env.compose_project})\n")
-        if not o.value.releases:
+        if not o.result().releases:
             out.write("  no releases on this host\n")
             continue
         rows = [["", "RELEASE", "DEPLOYED (UTC)", "BY", "COMMIT", "IMAGES"]]
-        for r in o.value.releases:
+        for r in o.result().releases:
             d = r.deployed or {}
             commit = (d.get("commit") or "")[:12] + (" dirty" if d.get("dirty") else "") if d.get("commit") else "-"
             by = f"{d.get('by', '?')}@{d.get('machine', '?')}" if d else "-"
@@ -99,7 +99,7 @@ def rollback(
     compose_spec = rel.load_compose(env.compose_file)
     placement.check_placement(env, compose_spec)
     # First every host's choice, then one confirmation, then the change.
-    plans = {o.host: o.value for o in fan_out(hosts, lambda hs: _plan(hs, target), out=QUIET)}
+    plans = {o.host: o.result() for o in fan_out(hosts, lambda hs: _plan(hs, target), out=QUIET)}
     if env.protected:
         ids = sorted({p[0].id for p in plans.values()})
         confirm(
@@ -153,12 +153,13 @@ def _plan(hs: HostSession, target: str | None) -> tuple[rh.HostRelease, rh.HostL
             )
         release = found[0]
     else:
-        release = listing.previous()
-        if release is None:
+        previous = listing.previous()
+        if previous is None:
             raise DeployError(
                 f"{hs.name}: no earlier release to roll back to (current: {listing.current or 'none'})",
                 hint=f"deploy {hs.env.name} releases",
             )
+        release = previous
     if release.current:
         raise UsageError(f"{hs.name}: release {release.id} is already current")
     if not {"compose", "env", "override"} <= set(release.layout):

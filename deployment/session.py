@@ -3,11 +3,12 @@ and the fan-out that runs a step on several hosts in parallel with prefixed outp
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import release as rel
 from . import ssh
@@ -51,6 +52,7 @@ class HostSession:
     change: Change | None = None
     used: bool = False
     facts: dict = field(default_factory=dict)
+    unreachable: ConnectError | None = None
     _runner: HostRunner | DryRunner | None = None
     _conn: Any = None
 
@@ -64,11 +66,15 @@ class HostSession:
         first (on every host of the invocation) if the command changes it."""
         if self.change is not None:
             self.change.before_remote()
+        runner = self.open_runner()
         self.used = True
-        return self.open_runner()
+        return runner
 
     def open_runner(self) -> HostRunner | DryRunner:
-        """The runner, connecting on first use (the one connection of this invocation)."""
+        """The runner, connecting on first use (the one connection of this invocation).
+        A host that could not be reached is not tried again within the invocation."""
+        if self.unreachable is not None:
+            raise self.unreachable
         if self._runner is None:
             if self.dry_run:
                 self._runner = DryRunner(self.name, self.out, self.prefix)
@@ -104,7 +110,9 @@ class HostSession:
                     self.say(f"  {path}")
                 self.say(f"  {release.env_path}  (generated from the variables, mode 0600)")
             return Deployed(self.env.env_dir, release.id, *release_paths(self.env.env_dir, release))
-        deployed = sync(self.runner, self.env, release, with_ps=with_ps)
+        runner = self.runner
+        assert isinstance(runner, HostRunner)
+        deployed = sync(runner, self.env, release, with_ps=with_ps)
         if deployed.uploaded:
             self.say(f"release {release.id} uploaded ({len(release.files) + 1} files)")
         elif self.verbose:
@@ -132,26 +140,43 @@ class HostSession:
             self._runner = None
 
 
-class _Quiet:
+class _Quiet(io.StringIO):
     """An output that drops what it is given: for fan-outs whose summary the caller prints
     in its own form (status, releases)."""
 
-    def write(self, _) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
+    def write(self, s: str) -> int:
+        return len(s)
 
 
 QUIET = _Quiet()
 
 
+T = TypeVar("T")
+
+
 @dataclass
-class Outcome:
+class Outcome(Generic[T]):
+    """How a step ended on one host: status 0 and the step's value, or the failure."""
+
     host: str
     status: int = 0
     message: str = ""
-    value: object = None
+    value: T | None = None
+
+    def result(self) -> T:
+        """The step's value (only a host whose step succeeded has one)."""
+        assert self.status == 0, self.message
+        return self.value  # type: ignore[return-value]
+
+
+class HostsFailed(DeployError):
+    """A step failed on some of several hosts: the worst failure's status, and every
+    host's outcome (the history records each host's own)."""
+
+    def __init__(self, message: str, status: ExitStatus, outcomes: list):
+        super().__init__(message)
+        self.status = status
+        self.outcomes = outcomes
 
 
 def sessions(
@@ -182,9 +207,7 @@ def sessions(
     ]
 
 
-def fan_out(
-    hosts: list[HostSession], step: Callable[[HostSession], object], out: IO[str] | None = None
-) -> list[Outcome]:
+def fan_out(hosts: list[HostSession], step: Callable[[HostSession], T], out: IO[str] | None = None) -> list[Outcome[T]]:
     """Run step on every host (in parallel when there are several). Connections stay open
     for the invocation's next step (one connection per host per invocation); the caller
     closes them at the end.
@@ -200,7 +223,7 @@ def fan_out(
     if len(hosts) == 1:
         return [Outcome(hosts[0].name, 0, "ok", step(hosts[0]))]
 
-    def one(hs: HostSession) -> Outcome:
+    def one(hs: HostSession) -> Outcome[T]:
         try:
             return Outcome(hs.name, 0, "ok", step(hs))
         except DeployError as exc:
@@ -227,10 +250,6 @@ def fan_out(
     failed = [o for o in outcomes if o.status]
     if failed:
         worst = max(failed, key=lambda o: (o.status == ExitStatus.CONNECTION, o.status))
-        exc = DeployError(f"{len(failed)} of {len(outcomes)} hosts failed (first: {failed[0].host})")
-        exc.status = (
-            ExitStatus(worst.status) if worst.status in ExitStatus._value2member_map_ else ExitStatus.REMOTE_FAILED
-        )
-        exc.outcomes = outcomes
-        raise exc
+        status = ExitStatus(worst.status) if worst.status in ExitStatus._value2member_map_ else ExitStatus.REMOTE_FAILED
+        raise HostsFailed(f"{len(failed)} of {len(outcomes)} hosts failed (first: {failed[0].host})", status, outcomes)
     return outcomes

@@ -98,9 +98,11 @@ def test_migrate_dry_run_lists_pending_and_applies_nothing(stack):
 
 
 def test_concurrent_migrate_applies_once(stack):
+    # Two at once: the deploy lock lets one run and the other wait for it (--lock-wait),
+    # which then finds nothing pending. (Without --lock-wait the second exits 75.)
     s = stack("dev").up()
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: s.deploy("migrate"), range(2)))
+        results = list(pool.map(lambda _: s.deploy("migrate", "--lock-wait", "120"), range(2)))
     assert [r.code for r in results] == [0, 0], [r.text for r in results]
     outs = sorted(r.out.strip().splitlines()[-1] for r in results)
     assert outs == [f"migrate: 3 applied: {', '.join(MIGRATIONS)}", "migrate: up to date"], outs

@@ -19,7 +19,8 @@ defaults: {{ssh_config: /dev/null, known_hosts: /dev/null, remote_dir: /srv/shop
 environments:
   dev: {{compose_file: {compose}/docker-compose.dev.yml, hosts: [dev-host]}}
   staging: {{compose_file: {compose}/docker-compose.stag.yml, hosts: [staging-host]}}
-  prod: {{compose_file: {compose}/docker-compose.prod.yml, hosts: [prod-a, {{name: prod-b, roles: [app, db]}}], protected: true,
+  prod: {{compose_file: {compose}/docker-compose.prod.yml,
+         hosts: [prod-a, {{name: prod-b, roles: [app, db]}}], protected: true,
          roles: {{app: [web, worker], db: [db]}}}}
 """)
     monkeypatch.setenv("DEPLOY_HOSTS", str(p))

@@ -52,12 +52,12 @@ def test_release_removes_only_the_lock_of_the_token_given_and_appends_history_fi
     sh(lk.acquire_argv(d, a.token, a.record()))
     assert sh(lk.finish_argv(d, "0" * 16, [])).stdout.split() == ["not-ours"]
     assert (tmp_path / "env" / ".lock").is_dir()
-    out = sh(lk.finish_argv(d, a.token, [{"id": "1", "note": "it's \"quoted\" $(id) `x`\n"}, {"id": "2"}]))
+    out = sh(lk.finish_argv(d, a.token, [{"id": "1", "note": 'it\'s "quoted" $(id) `x`\n'}, {"id": "2"}]))
     assert out.stdout.split() == ["released"]
     assert not (tmp_path / "env" / ".lock").exists()
     lines = (tmp_path / "env" / "history.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == ["1", "2"]
-    assert json.loads(lines[0])["note"] == "it's \"quoted\" $(id) `x`\n"
+    assert json.loads(lines[0])["note"] == 'it\'s "quoted" $(id) `x`\n'
     assert oct((tmp_path / "env" / "history.jsonl").stat().st_mode & 0o777) == "0o600"
     assert sh(lk.finish_argv(d, a.token, [])).stdout.split() == ["not-held"]
 
@@ -153,7 +153,9 @@ def env(tmp_path) -> inv.Environment:
 
 def change_on(env, tmp_path, lock_wait: float = 0.0):
     err = io.StringIO()
-    invocation = Invocation("dev", "down", (), "deploy dev down", "no-tty", True, True, lock_wait, "`deploy dev unlock`")
+    invocation = Invocation(
+        "dev", "down", (), "deploy dev down", "no-tty", True, True, lock_wait, unlock_hint="`deploy dev unlock`"
+    )
     change = Change(invocation, [], err)
     hs = sessions(env, out=io.StringIO(), err=err, change=change)
     for h in hs:
