@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """For `make bench`'s lock row: run one deploy command in this process, with the
-environment's lock and history as shipped (`--lock on`) or with both switched off in the
-command table (`--lock off`), and count what it cost on the wire: SSH connections opened
-and SSH channels opened (every remote command, and every SFTP session, is one channel:
-one round trip at least). Prints one JSON line: {"code", "connections", "channels",
-"seconds"}. The command's own output is discarded.
+environment's lock and history as shipped (`--lock on`), with the lock switched off in
+the command table and the history kept (`--lock history`), or with both off (`--lock
+off`); count what it cost on the wire: SSH connections opened and SSH channels opened
+(every remote command, and every SFTP session, is one channel: one round trip at least).
+Prints one JSON line: {"code", "connections", "channels", "seconds"}. The command's own
+output is discarded.
 
-Usage: lock_probe.py --lock on|off -- [deploy arguments...]
+Usage: lock_probe.py --lock on|history|off -- [deploy arguments...]
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from deployment import cli, ssh
 
 def main() -> int:
     lock = sys.argv[1:3]
-    if lock[0] != "--lock" or lock[1] not in ("on", "off") or sys.argv[3] != "--":
+    if lock[0] != "--lock" or lock[1] not in ("on", "history", "off") or sys.argv[3] != "--":
         raise SystemExit(__doc__)
     argv = sys.argv[4:]
-    if lock[1] == "off":
+    if lock[1] != "on":
         for name, cmd in list(cli.COMMANDS.items()):
-            cli.COMMANDS[name] = dataclasses.replace(cmd, takes_lock=False, writes_history=False)
+            history = cmd.writes_history and lock[1] == "history"
+            cli.COMMANDS[name] = dataclasses.replace(cmd, takes_lock=False, writes_history=history)
     counts = {"connections": 0, "channels": 0}
     open_connection, open_session = ssh.open_connection, paramiko.Transport.open_session
 
