@@ -15,7 +15,6 @@ The scripts are constants; every value reaches them as a positional parameter.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import secrets
@@ -25,6 +24,7 @@ from datetime import UTC, datetime
 
 from . import __version__
 from .commands import EXPAND_DIR
+from .sync import local_user
 
 OWNER_MAX_BYTES = 4096
 
@@ -109,13 +109,6 @@ def _one_line(record: dict) -> str:
 # --- who holds it ---------------------------------------------------------------------------
 
 
-def _local_user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no name for this uid (a container, a bare cron environment)
-        return "?"
-
-
 def _read(path: str) -> str:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
@@ -157,7 +150,7 @@ class Owner:
         pid = os.getpid()
         return cls(
             token=secrets.token_hex(8),
-            user=_local_user(),
+            user=local_user(),
             machine=socket.gethostname(),
             pid=pid,
             pid_start=process_start(pid),

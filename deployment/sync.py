@@ -100,7 +100,7 @@ def deploy_record(env: Environment, release_id: str, command: str) -> dict:
     record = {
         "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "release": release_id,
-        "by": _local_user(),
+        "by": local_user(),
         "machine": socket.gethostname(),
         "command": command,
     }
@@ -108,7 +108,7 @@ def deploy_record(env: Environment, release_id: str, command: str) -> dict:
     return record
 
 
-def _local_user() -> str:
+def local_user() -> str:
     try:
         return getpass.getuser()
     except Exception:  # no name for this uid (a container, a bare cron environment)

@@ -206,11 +206,9 @@ def fab(hosts: Path, *args: str, timeout: float = 300) -> Run:
     return Run(res.returncode, res.stdout, res.stderr)
 
 
-def deploy_until(hosts: Path, args: list[str], ready, timeout: float = 300) -> tuple[Run, float]:
-    """Start a long-running command, wait until ready() holds, then press Ctrl+C (SIGINT).
-
-    Returns the result and how long the process took to exit after the interrupt."""
-    proc = subprocess.Popen(
+def start_deploy(hosts: Path, *args: str) -> subprocess.Popen:
+    """The CLI as a process left running (no TTY, no stdin), its output piped."""
+    return subprocess.Popen(
         [*DEPLOY, "--hosts", str(hosts), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -218,6 +216,13 @@ def deploy_until(hosts: Path, args: list[str], ready, timeout: float = 300) -> t
         text=True,
         cwd=hosts.parent,
     )
+
+
+def deploy_until(hosts: Path, args: list[str], ready, timeout: float = 300) -> tuple[Run, float]:
+    """Start a long-running command, wait until ready() holds, then press Ctrl+C (SIGINT).
+
+    Returns the result and how long the process took to exit after the interrupt."""
+    proc = start_deploy(hosts, *args)
     deadline = time.monotonic() + timeout
     try:
         while not ready():

@@ -15,22 +15,12 @@ from pathlib import Path
 import yaml
 
 from deployment import lock as lk
-from tests.conftest import DEPLOY, deploy, fab
+from tests.conftest import deploy, fab
+from tests.conftest import start_deploy as start
 
 
 def env_dir(hosts: Path, env: str) -> Path:
     return Path(yaml.safe_load(hosts.read_text())["defaults"]["remote_dir"]) / env
-
-
-def start(hosts: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [*DEPLOY, "--hosts", str(hosts), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=hosts.parent,
-    )
 
 
 def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
