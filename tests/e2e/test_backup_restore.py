@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,12 @@ import yaml
 from tests.conftest import DEPLOY, REPO, EnvStack, Run, deploy, fab, stack_variables
 
 ENVS = ["dev", "staging", "prod"]
+
+
+def _taken(path: Path) -> tuple[str, int]:
+    m = re.search(r"-(\d{8}T\d{6}Z)(?:-(\d+))?\.dump$", path.name)
+    assert m, path.name
+    return m.group(1), int(m.group(2) or 1)
 
 
 class Stack(EnvStack):
@@ -43,7 +50,9 @@ class Stack(EnvStack):
             self.sql(f"INSERT INTO items (name) VALUES ('{quoted}')")
 
     def local(self) -> list[Path]:
-        return sorted(self.backups.glob("*.dump")) if self.backups.exists() else []
+        """Oldest first, as the tool orders them: by time, then by the -N of a backup taken
+        in the same second ("X.dump" before "X-2.dump", which a sort by name inverts)."""
+        return sorted(self.backups.glob("*.dump"), key=_taken) if self.backups.exists() else []
 
     def remote_backups(self) -> list[str]:
         d = self.remote / "backups"
