@@ -87,10 +87,13 @@ class Handler(BaseHTTPRequestHandler):
 def main():
     port = int(os.environ.get("PORT", "8000"))
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    server.daemon_threads = True
+    # Requests in flight finish before the process exits (server_close joins them).
+    server.daemon_threads = False
 
     # As PID 1 in a container, SIGTERM does nothing unless handled: without this,
-    # `docker compose down` would wait its full timeout and then SIGKILL us.
+    # `docker compose down` would wait its full timeout and then SIGKILL us. Stopping is
+    # graceful: no new connection is accepted (a proxy retries it on another container),
+    # the requests in flight are answered, then the process exits.
     def stop(*_):
         threading.Thread(target=server.shutdown, daemon=True).start()
 
@@ -98,6 +101,7 @@ def main():
     signal.signal(signal.SIGINT, stop)
     print(f"web: listening on :{port} (debug={'on' if DEBUG else 'off'})", flush=True)
     server.serve_forever()
+    server.server_close()
     print("web: stopped", flush=True)
 
 

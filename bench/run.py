@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -999,7 +1000,132 @@ def bench_change(stacks: ReleaseStacks, runs: int) -> dict:
     return {"cases": r, "problems": problems}
 
 
-ROWS = ["latency", "fanout", "pull", "push", "redeploy", "connections", "rollback", "change", "lock"]
+# --- a release change: failed requests, stop-first against start-first ------------------------
+
+
+class Prober(threading.Thread):
+    """GET /health through the stack's proxy every 20 ms: failed requests and the longest
+    time between two answered ones."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{port}/health"
+        self.ok, self.failed, self.longest_gap = 0, 0, 0.0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        last = time.monotonic()
+        while not self.halt.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as resp:
+                    resp.read()
+                now = time.monotonic()
+                self.longest_gap = max(self.longest_gap, now - last)
+                last = now
+                self.ok += 1
+            except OSError:
+                self.failed += 1
+            time.sleep(0.02)
+
+
+STOP_FIRST_EDIT = (
+    "    # Replaced start-first by `deploy ENV up -d`: the new container beside the old,\n"
+    "    # the old retired once the new one is healthy.\n"
+    "    deploy:\n      update_config:\n        order: start-first\n"
+)
+
+
+def bench_roll(w, runs):
+    """`up -d` of a one-line change of web while a client sends a request every 20 ms: the
+    example stack as shipped (web and worker start-first) beside the same stack with
+    update_config removed (stop-first: compose's own recreate, what `up -d` did before)."""
+    tmp = Path(tempfile.mkdtemp(prefix="deploy-bench-roll-"))
+    project = f"benchroll{uuid.uuid4().hex[:6]}"
+    remote = Path(w["remote_root"]) / project
+    ports = iter(free_ports(4, start=18700))
+    copies, envs = {}, {}
+    for name in ("stopfirst", "startfirst"):
+        web = next(ports)
+        copies[name] = AppCopy(tmp / name, web)
+        if name == "stopfirst":
+            text = copies[name].compose.read_text()
+            assert text.count(STOP_FIRST_EDIT) == 2, "the dev compose file's update_config changed"
+            copies[name].compose.write_text(text.replace(STOP_FIRST_EDIT, ""))
+        envs[name] = {
+            "compose_file": str(copies[name].compose),
+            "root": str(copies[name].root),
+            "hosts": [REL_HOST],
+            "variables": {**w["images"], "WEB_PORT": web, "DB_PORT": next(ports), "POSTGRES_PASSWORD": "bench-roll"},
+        }
+    hosts = tmp / "hosts.yaml"
+    hosts.write_text(
+        json.dumps(
+            {
+                "project": project,
+                "defaults": {
+                    "ssh_config": w["ssh_config"],
+                    "known_hosts": w["known_hosts"],
+                    "remote_dir": str(remote),
+                    "command_timeout": 600,
+                },
+                "environments": envs,
+            }
+        )
+    )
+    got: dict[str, list[dict]] = {name: [] for name in copies}
+    try:
+        for name, copy in copies.items():
+            copy.version(f"{project}-0")
+            res = sh([*DEPLOY, "--hosts", str(hosts), name, "up", "-d"], check=False)
+            if res.returncode != 0:
+                raise SystemExit(f"bench: {name} up failed:\n{res.stdout}\n{res.stderr}")
+        for i in range(1, runs + 2):  # the first round is a warm-up
+            for name, copy in copies.items():
+                copy.version(f"{project}-{i}")
+                probe = Prober(copy.port)
+                probe.start()
+                time.sleep(0.3)
+                t0 = time.perf_counter()
+                res = sh([*DEPLOY, "--hosts", str(hosts), name, "up", "-d"], check=False)
+                took = time.perf_counter() - t0
+                time.sleep(0.3)
+                probe.halt.set()
+                probe.join(10)
+                if res.returncode != 0:
+                    raise SystemExit(f"bench: {name} up failed:\n{res.stdout}\n{res.stderr}")
+                if copy.served() != f"{project}-{i}":
+                    raise SystemExit(f"bench: {name} does not serve the new release")
+                if i > 1:
+                    got[name].append({"failed": probe.failed, "ok": probe.ok, "gap": probe.longest_gap, "s": took})
+    finally:
+        for name in copies:
+            docker("compose", "-p", f"{project}-{name}", "down", "--volumes", "--remove-orphans", "--timeout", "2")
+        tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={project}-*").split()
+        if tags:
+            docker("rmi", *sorted(set(tags)))
+        shutil.rmtree(remote, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {}
+    print("\n10. Failed requests during `up -d` of a one-line change of web (a GET every 20 ms via the proxy)")
+    print(f"  {'strategy':<28} {'failed (median, max)':>21} {'longest gap s':>14} {'up -d s':>8}")
+    for name, label in (("stopfirst", "stop-first (compose recreate)"), ("startfirst", "start-first (as shipped)")):
+        recs = got[name]
+        row = {
+            "failed_median": statistics.median(r["failed"] for r in recs),
+            "failed_max": max(r["failed"] for r in recs),
+            "longest_gap_s": statistics.median(r["gap"] for r in recs),
+            "up_s": statistics.median(r["s"] for r in recs),
+            "runs": recs,
+        }
+        out[name] = row
+        print(
+            f"  {label:<28} {row['failed_median']:>10g}, {row['failed_max']:<9} {row['longest_gap_s']:>14.2f} "
+            f"{row['up_s']:>8.2f}"
+        )
+    return out
+
+
+ROWS = ["latency", "fanout", "pull", "push", "redeploy", "connections", "rollback", "change", "lock", "roll"]
 
 
 def ensure_rsync() -> None:
@@ -1071,6 +1197,8 @@ def main() -> int:
         results["connections"] = bench_connections(w, hosts)
     if "lock" in want:
         results["lock"] = bench_lock(hosts, args.runs)
+    if "roll" in want:
+        results["roll"] = bench_roll(w, args.runs)
     if want & {"rollback", "change"}:
         stacks = ReleaseStacks(w)
         results["releases_project"] = stacks.project

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from . import backup as bk
-from . import limits, placement
+from . import limits, placement, rolling
 from . import release as rel
 from . import release_host as rh
 from .commands import EXPAND_DIR, Compose, check_services
@@ -60,6 +60,9 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
     placement.check_placement(env, compose_spec)
     placement.check_requested(env, compose_spec, services, [hs.host for hs in hosts])
     release = rel.build(env)
+    # Start-first services (deploy.update_config.order) are rolled by `up -d`; what two
+    # containers of one service cannot share is refused here, before any host.
+    rolls = rolling.plan_rolls(env, compose_spec, release) if detach else {}
     command = "up" + (" -d" if detach else "") + (" --build" if build else "") + "".join(f" {s}" for s in services)
 
     def step(hs: HostSession) -> None:
@@ -92,6 +95,9 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
                 hs.mark_up(release.id, command, whole_stack=False)
             hs.runner.run(compose.up(start, detach=False, no_build=True, no_deps=no_deps), pty=True, what="compose up")
             return
+        for service, roll in rolls.items():
+            if service in mine:
+                rolling.roll(hs, compose, service, roll, deployed.current)
         res = hs.runner.run(
             compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False, what="compose up"
         )
@@ -246,9 +252,25 @@ def _service_rows(ps: list[dict], known: list[str]) -> list[dict]:
                 "ports": ports,
             }
         )
+    # A start-first roll under way: the service has containers of two images at once.
+    images: dict[str, set] = {}
+    for c in ps:
+        images.setdefault(c.get("Service", ""), set()).add(c.get("Image"))
+    for r in rows:
+        r["rolling"] = len(images.get(str(r["service"] or ""), ())) > 1
+        if r["rolling"]:
+            r["state"] = f"{r['state']} (mid-roll)"
     present = {r["service"] for r in rows}
     rows += [
-        {"service": s, "container": None, "state": "not created", "health": "", "status": "", "ports": []}
+        {
+            "service": s,
+            "container": None,
+            "state": "not created",
+            "health": "",
+            "status": "",
+            "ports": [],
+            "rolling": False,
+        }
         for s in known
         if s not in present
     ]

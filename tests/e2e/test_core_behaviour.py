@@ -266,7 +266,13 @@ def test_status_json_and_an_unreachable_host_is_reported_not_a_crash(world, make
     assert by_host["deploy@127.0.0.1:1"]["reachable"] is False
     assert "cannot connect" in by_host["deploy@127.0.0.1:1"]["error"]
     services = {s["service"]: (s["state"], s["health"]) for s in by_host["dev-host"]["services"]}
-    assert services == {"web": ("running", "healthy"), "worker": ("running", "healthy"), "db": ("running", "healthy")}
+    # proxy is in no role of this inventory, so no host runs it.
+    assert services == {
+        "web": ("running", "healthy"),
+        "worker": ("running", "healthy"),
+        "db": ("running", "healthy"),
+        "proxy": ("not created", ""),
+    }
     human = deploy(hosts, "dev", "status")
     assert human.code == 3 and "unreachable" in human.out and "Traceback" not in human.err
 

@@ -72,7 +72,7 @@ def test_two_ups_at_once_one_runs_the_other_exits_75_naming_it_and_status_runs_m
     assert [e["command"] for e in entries] == ["up"]  # the refused run changed nothing
     e = entries[0]
     assert e["result"] == "ok" and e["exit_code"] == 0 and e["error"] is None
-    assert e["release_before"] is None and e["release_after"] and set(e["images"]) == {"web", "worker", "db"}
+    assert e["release_before"] is None and e["release_after"] and set(e["images"]) == {"web", "worker", "db", "proxy"}
     assert e["args"] == ["--detach"] and e["via"] == "no-tty" and e["host"] == "dev-host"
     assert e["started"] < e["ended"] and e["duration_s"] > 0
     assert oct((env_dir(hosts, "dev") / "history.jsonl").stat().st_mode & 0o777) == "0o600"

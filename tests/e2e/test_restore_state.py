@@ -49,7 +49,7 @@ def test_restore_to_a_backup_taken_before_a_migration_lets_the_next_migrate_succ
     assert s.items() == wanted
     assert s.sql("SELECT to_regclass('public.notes') IS NULL") == "t"
     assert s.sql("SELECT max(version) FROM schema_migrations").startswith("0003")
-    assert running(s.project) == {"web", "worker", "db"}
+    assert running(s.project) == {"web", "worker", "db", "proxy"}
     r = s.deploy("migrate")
     assert r.code == 0, r.text
     assert s.sql("SELECT count(*) FROM pg_tables WHERE tablename = 'notes'") == "1"
@@ -76,7 +76,7 @@ def test_restore_failing_half_way_rolls_back_and_starts_the_services_again(stack
     assert r.code == 1, r.text
     assert "rolled back" in r.error
     assert s.items() == before
-    assert running(s.project) == {"web", "worker", "db"}
+    assert running(s.project) == {"web", "worker", "db", "proxy"}
     assert s.leftovers() == []
 
 
@@ -194,9 +194,9 @@ def test_sigterm_mid_restore_stops_it_on_the_host_and_the_database_is_as_before(
     assert processes_in(db, ("pg_restore", "psql")) == []
     assert s.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'deploy-%'") == "0"
     deadline = time.monotonic() + 30
-    while running(s.project) != {"web", "worker", "db"} and time.monotonic() < deadline:
+    while running(s.project) != {"web", "worker", "db", "proxy"} and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert running(s.project) == {"web", "worker", "db"}
+    assert running(s.project) == {"web", "worker", "db", "proxy"}
     assert s.leftovers() == []
     assert not list((s.remote / ".steps").glob("*")) if (s.remote / ".steps").exists() else True
 
@@ -262,7 +262,7 @@ def test_sigterm_mid_migration_stops_it_on_the_host_and_rolls_it_back(stack, pro
     assert s.sql("SELECT to_regclass('public.notes') IS NULL") == "t"
     assert s.sql("SELECT count(*) FROM schema_migrations WHERE version LIKE '0004%'") == "0"
     assert s.sql(sleeping) == "0"
-    assert set(containers(s.project)) == {"web", "worker", "db"}
+    assert set(containers(s.project)) == {"web", "worker", "db", "proxy"}
 
 
 def test_a_failing_restore_with_large_objects_still_rolls_back_everything(stack):

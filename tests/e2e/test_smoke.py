@@ -48,7 +48,12 @@ def test_stack_comes_up_healthy_over_ssh_and_goes_away(make_inventory, env_name,
         try:
             runner.run(compose.up(detach=True, build=True, wait_timeout=300), what="compose up")
             ps = [json.loads(line) for line in runner.run(compose.ps(), echo=False).stdout.splitlines()]
-            assert {c["Service"]: c["Health"] for c in ps} == {"web": "healthy", "worker": "healthy", "db": "healthy"}
+            assert {c["Service"]: c["Health"] for c in ps} == {
+                "web": "healthy",
+                "worker": "healthy",
+                "db": "healthy",
+                "proxy": "healthy",
+            }
 
             port = env.resolved_variables()["WEB_PORT"]
             health = runner.run(["curl", "-fsS", f"http://127.0.0.1:{port}/health"], echo=False).stdout

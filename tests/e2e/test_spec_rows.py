@@ -22,7 +22,7 @@ import yaml
 from tests.conftest import Run, all_healthy, containers, deploy, deploy_until, docker, networks, volumes
 
 ENVS = ["dev", "staging", "prod"]
-SERVICES = {"web", "worker", "db"}
+SERVICES = {"web", "worker", "db", "proxy"}
 
 
 @dataclass

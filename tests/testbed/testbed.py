@@ -39,6 +39,8 @@ DEBIAN_MIRROR = os.environ.get("TESTBED_DEBIAN_MIRROR", "http://deb.debian.org/d
 BASE_IMAGE = "deploy-testbed/base:bookworm"
 POSTGRES_IMAGE = "deploy-testbed/postgres:15"
 BASE_PACKAGES = ["python3", "python3-psycopg2", "postgresql-15", "curl"]
+PROXY_IMAGE = "deploy-testbed/nginx:1.22"
+PROXY_PACKAGES = ["nginx", "curl"]
 
 SSH_USER = "deploy"
 SSH_PORT = 2222
@@ -234,18 +236,16 @@ def recipe_hash(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def ensure_base_image() -> None:
-    recipe = recipe_hash("bookworm", *BASE_PACKAGES)
-    if image_label(BASE_IMAGE) == recipe:
-        return
-    log(f"building {BASE_IMAGE} with debootstrap (about a minute)")
+def _debootstrap_image(image: str, recipe: str, packages: list[str], changes: list[str], prepare=None) -> None:
+    """A Debian bookworm root filesystem with `packages`, imported as `image` (labelled
+    with its recipe, so an unchanged recipe is never built again)."""
     with tempfile.TemporaryDirectory(dir=STATE, prefix="rootfs.") as tmp:
         rootfs = Path(tmp) / "rootfs"
         run(
             [
                 "debootstrap",
                 "--variant=minbase",
-                f"--include={','.join(BASE_PACKAGES)}",
+                f"--include={','.join(packages)}",
                 "bookworm",
                 str(rootfs),
                 DEBIAN_MIRROR,
@@ -256,25 +256,71 @@ def ensure_base_image() -> None:
             for f in (rootfs / junk).glob("*"):
                 if f.is_file():
                     f.unlink()
+        if prepare is not None:
+            prepare(rootfs)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        run(
-            [
-                "docker",
-                "import",
-                "--change",
-                f"LABEL deploy-testbed.recipe={recipe}",
-                "--change",
-                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "--change",
-                'CMD ["/bin/bash"]',
-                "-",
-                f"{BASE_IMAGE}",
-            ],
-            stdin=tar.stdout,
-            stdout=subprocess.DEVNULL,
-        )
+        argv = ["docker", "import", "--change", f"LABEL deploy-testbed.recipe={recipe}"]
+        for change in ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *changes]:
+            argv += ["--change", change]
+        run([*argv, "-", image], stdin=tar.stdout, stdout=subprocess.DEVNULL)
         if tar.wait() != 0:
             raise SystemExit("testbed: tar of the rootfs failed")
+
+
+def ensure_base_image() -> None:
+    recipe = recipe_hash("bookworm", *BASE_PACKAGES)
+    if image_label(BASE_IMAGE) == recipe:
+        return
+    log(f"building {BASE_IMAGE} with debootstrap (about a minute)")
+    _debootstrap_image(BASE_IMAGE, recipe, BASE_PACKAGES, ['CMD ["/bin/bash"]'])
+
+
+# Offline stand-in for the official nginx image: Debian's nginx, honouring the parts of
+# the official image's contract a stack uses: the server configuration is whatever
+# /etc/nginx/conf.d/*.conf holds (Debian's nginx.conf includes it; its own default site
+# is removed), `nginx -g 'daemon off;'` in the foreground, logs on stdout/stderr, and
+# SIGQUIT as the stop signal (a graceful shutdown).
+PROXY_DEFAULT_CONF = """server {
+    listen 80 default_server;
+    location / { return 200 "nginx stand-in\\n"; }
+}
+"""
+
+
+def _prepare_proxy(rootfs: Path) -> None:
+    for p in (rootfs / "etc/nginx/sites-enabled").glob("*"):
+        p.unlink()
+    (rootfs / "etc/nginx/conf.d/default.conf").write_text(PROXY_DEFAULT_CONF)
+    logs = rootfs / "var/log/nginx"
+    for name, target in (("access.log", "/dev/stdout"), ("error.log", "/dev/stderr")):
+        (logs / name).unlink(missing_ok=True)
+        (logs / name).symlink_to(target)
+
+
+def ensure_proxy_image() -> None:
+    recipe = recipe_hash("bookworm", *PROXY_PACKAGES, PROXY_DEFAULT_CONF, "v2")
+    if image_label(PROXY_IMAGE) == recipe:
+        return
+    log(f"building {PROXY_IMAGE} with debootstrap (about a minute)")
+    rootfs = f"{PROXY_IMAGE}-rootfs"
+    _debootstrap_image(rootfs, recipe, PROXY_PACKAGES, ["EXPOSE 80"], prepare=_prepare_proxy)
+    # docker import cannot set a stop signal; a build on top can. The entrypoint is the
+    # official image's shape: it says the configuration is ready, then runs the command.
+    dockerfile = (
+        f"FROM {rootfs}\n"
+        "RUN printf '%s\\n' '#!/bin/sh' 'set -e' "
+        "'echo \"/docker-entrypoint.sh: Configuration complete; ready for start up\"' 'exec \"$@\"' "
+        "> /docker-entrypoint.sh && chmod 0755 /docker-entrypoint.sh\n"
+        'ENTRYPOINT ["/docker-entrypoint.sh"]\n'
+        "STOPSIGNAL SIGQUIT\n"
+        'CMD ["nginx", "-g", "daemon off;"]\n'
+    )
+    run(
+        ["docker", "build", "-q", "--label", f"deploy-testbed.recipe={recipe}", "-t", PROXY_IMAGE, "-"],
+        input=dockerfile.encode(),
+        stdout=subprocess.DEVNULL,
+        env=dict(os.environ, DOCKER_BUILDKIT="0"),
+    )
 
 
 def ensure_postgres_image() -> None:
@@ -413,7 +459,7 @@ def describe(world: dict[str, str]) -> dict:
         "slow_host": {"name": "slow-host", "rate": SLOW_RATE},
         "jump_aliases": {a: {"target": t, "jump": j} for a, (t, j) in JUMP_ALIASES.items()},
         "remote_root": str(STATE / "remote"),
-        "images": {"POSTGRES_IMAGE": POSTGRES_IMAGE, "APP_BASE_IMAGE": BASE_IMAGE},
+        "images": {"POSTGRES_IMAGE": POSTGRES_IMAGE, "APP_BASE_IMAGE": BASE_IMAGE, "PROXY_IMAGE": PROXY_IMAGE},
     }
 
 
@@ -434,6 +480,7 @@ def write_demo_inventory(world: dict[str, str]) -> None:
     variables = {
         "POSTGRES_IMAGE": POSTGRES_IMAGE,
         "APP_BASE_IMAGE": BASE_IMAGE,
+        "PROXY_IMAGE": PROXY_IMAGE,
         "POSTGRES_PASSWORD": "demo-only-password",
     }
     inv = {
@@ -477,6 +524,7 @@ def up() -> dict:
     ensure_compose_plugin()
     ensure_base_image()
     ensure_postgres_image()
+    ensure_proxy_image()
     ensure_remote_root()
     ensure_slow_link()
     world = hosts()
