@@ -232,7 +232,7 @@ def test_names_from_the_compose_file_stay_on_one_line():
 def test_repository_prod_compose_file_with_two_hosts(tmp_path):
     c = rel.load_compose(REPO / "deployment" / "compose" / "docker-compose.prod.yml")
     assert placement.named_volume_services(env(), c) == {"db": ["db-data"]}
-    assert "roles: {app: [web, worker], db: [db]}" in str(error(placement.check_placement, env(), c))
+    assert "roles: {app: [web, worker, proxy], db: [db]}" in str(error(placement.check_placement, env(), c))
     placement.check_placement(env(roles=ROLES), c)
 
 
