@@ -222,11 +222,17 @@ class Roll:
             f"--- {self.service}: new container {cid[:12]} {state[0]} ({state[1]}); last {LOG_LINES} log lines:"
         )
         self.hs.runner.run(["docker", "logs", "--tail", str(LOG_LINES), cid], check=False, what="logs")
-        why = "did not become healthy in time" if timed_out else f"is {state[1] if state[1] != '-' else state[0]}"
+        if timed_out:
+            why = "did not become healthy in time"
+        elif state[0] in ("running", "created", "restarting"):
+            why = f"is {state[1]}"
+        else:
+            why = state[0]  # exited, dead, or gone
         if self.config.failure_action == "pause":
             raise RollFailed(
                 f"{self.hs.name}: {self.service}: a new container {why}; paused (failure_action: pause): "
-                f"the old and the new containers both run; current is still release {self.current}",
+                f"the new container(s) are left as they are beside the {len(old)} old one(s), which keep serving; "
+                f"current is still release {self.current}",
                 hint="fix the release and run up -d again (it rolls again), or roll back",
             )
         self._remove(new)

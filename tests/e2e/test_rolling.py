@@ -16,87 +16,6 @@ import yaml
 
 from tests.conftest import containers, deploy, docker, stack_variables, start_deploy
 
-ROLL_COMPOSE = """
-name: shop-roll
-x-app: &app
-  build:
-    context: ../../app
-    args:
-      BASE_IMAGE: ${APP_BASE_IMAGE:-python:3.12-slim}
-  environment:
-    PGHOST: db
-    PGUSER: shop
-    PGDATABASE: shop
-    PGPASSWORD: ${POSTGRES_PASSWORD:-dev-only-password}
-    WORKER_INTERVAL: "2"
-  depends_on:
-    db:
-      condition: service_healthy
-  deploy:
-    update_config:
-      order: start-first
-      failure_action: rollback
-
-services:
-  proxy:
-    image: ${PROXY_IMAGE:-nginx:1.27}
-    ports:
-      - "127.0.0.1:${WEB_PORT:-8081}:80"
-    configs:
-      - source: proxy_conf
-        target: /etc/nginx/conf.d/default.conf
-    depends_on:
-      web:
-        condition: service_healthy
-  web:
-    <<: *app
-    command: ["python3", "/app/web.py"]
-    healthcheck:
-      test: ["CMD", "python3", "/app/healthcheck.py", "web"]
-      interval: 1s
-      timeout: 5s
-      retries: 5
-  worker:
-    <<: *app
-    command: ["python3", "/app/worker.py"]
-    healthcheck:
-      test: ["CMD", "python3", "/app/healthcheck.py", "worker"]
-      interval: 1s
-      timeout: 5s
-      retries: 5
-  db:
-    image: ${POSTGRES_IMAGE:-postgres:16}
-    environment:
-      POSTGRES_USER: shop
-      POSTGRES_DB: shop
-      POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:-dev-only-password}
-    volumes:
-      - db-data:/var/lib/postgresql/data
-    healthcheck:
-      test: ["CMD-SHELL", "pg_isready -h 127.0.0.1 -U shop -d shop"]
-      interval: 1s
-      timeout: 5s
-      retries: 30
-volumes:
-  db-data:
-configs:
-  proxy_conf:
-    content: |
-      resolver 127.0.0.11 valid=1s ipv6=off;
-      server {
-        listen 80 default_server;
-        location / {
-          set $$web http://web:8000;
-          proxy_pass $$web;
-          proxy_pass_header Server;
-          proxy_connect_timeout 2s;
-          proxy_next_upstream error timeout http_502 http_503 http_504;
-          proxy_next_upstream_tries 6;
-          proxy_next_upstream_timeout 10s;
-        }
-      }
-"""
-
 
 class Client(threading.Thread):
     """GET /health through the proxy every 20 ms; counts failures and the longest gap
@@ -131,11 +50,12 @@ class Client(threading.Thread):
 
 
 def stack(make_inventory, world, project_copy: Path):
-    (project_copy / "docker-compose.roll.yml").write_text(ROLL_COMPOSE)
+    """The example stack as shipped (dev: web and worker start-first behind the proxy),
+    over a copy of the app that the test edits."""
     hosts = make_inventory(
         {
-            "roll": {
-                "compose_file": str(project_copy / "docker-compose.roll.yml"),
+            "dev": {
+                "compose_file": str(project_copy / "docker-compose.dev.yml"),
                 "hosts": ["dev-host"],
                 "variables": stack_variables(world),
             }
@@ -143,7 +63,7 @@ def stack(make_inventory, world, project_copy: Path):
         compose_dir=project_copy,
     )
     data = yaml.safe_load(hosts.read_text())
-    return hosts, f"{data['project']}-roll", data["environments"]["roll"]["variables"]["WEB_PORT"]
+    return hosts, f"{data['project']}-dev", data["environments"]["dev"]["variables"]["WEB_PORT"]
 
 
 def version(project_copy: Path, v: str) -> None:
@@ -168,13 +88,13 @@ def web_containers(project: str) -> list[str]:
 def test_a_changed_web_is_rolled_start_first_without_one_failed_request(make_inventory, world, project_copy):
     hosts, project, port = stack(make_inventory, world, project_copy)
     version(project_copy, "1")
-    r = deploy(hosts, "roll", "up", "-d")
+    r = deploy(hosts, "dev", "up", "-d")
     assert r.code == 0, r.text
     (old,) = web_containers(project)
     version(project_copy, "2")
     with Client(port) as client:
         time.sleep(0.5)
-        r = deploy(hosts, "roll", "up", "-d")
+        r = deploy(hosts, "dev", "up", "-d")
         time.sleep(0.5)
     assert r.code == 0, r.text
     assert "web: rolling start-first" in r.out and "worker: rolling start-first" in r.out, r.out
@@ -193,14 +113,14 @@ def test_a_changed_web_is_rolled_start_first_without_one_failed_request(make_inv
 def test_a_web_that_never_becomes_healthy_is_rolled_back_and_the_old_one_serves(make_inventory, world, project_copy):
     hosts, project, port = stack(make_inventory, world, project_copy)
     version(project_copy, "1")
-    r = deploy(hosts, "roll", "up", "-d")
+    r = deploy(hosts, "dev", "up", "-d")
     assert r.code == 0, r.text
     (old,) = web_containers(project)
     # The new web answers nothing: its healthcheck fails until it is unhealthy.
     path = project_copy.parent.parent / "app" / "healthcheck.py"
     path.write_text("import sys\nsys.exit(1)\n")
     with Client(port) as client:
-        r = deploy(hosts, "roll", "up", "-d")
+        r = deploy(hosts, "dev", "up", "-d")
     assert r.code == 1, r.text
     assert "rolled back" in r.error and "keep serving" in r.error
     assert client.failed == [], client.failed[:5]
@@ -210,12 +130,12 @@ def test_a_web_that_never_becomes_healthy_is_rolled_back_and_the_old_one_serves(
 def test_sigterm_mid_roll_leaves_the_old_set_serving_and_no_stray_container(make_inventory, world, project_copy):
     hosts, project, port = stack(make_inventory, world, project_copy)
     version(project_copy, "1")
-    r = deploy(hosts, "roll", "up", "-d")
+    r = deploy(hosts, "dev", "up", "-d")
     assert r.code == 0, r.text
     (old,) = web_containers(project)
     version(project_copy, "2")
     with Client(port) as client:
-        proc = start_deploy(hosts, "roll", "up", "-d")
+        proc = start_deploy(hosts, "dev", "up", "-d")
         deadline = time.monotonic() + 120
         while len(web_containers(project)) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -226,3 +146,25 @@ def test_sigterm_mid_roll_leaves_the_old_set_serving_and_no_stray_container(make
     assert "the roll of web was stopped" in err and "keep serving" in err, err
     assert client.failed == [], client.failed[:5]
     assert web_containers(project) == [old]
+
+
+def test_failure_action_pause_leaves_old_and_new_running_and_says_so(make_inventory, world, project_copy):
+    compose = project_copy / "docker-compose.dev.yml"
+    text = compose.read_text()
+    compose.write_text(text.replace("order: start-first\n", "order: start-first\n        failure_action: pause\n"))
+    hosts, project, port = stack(make_inventory, world, project_copy)
+    r = deploy(hosts, "dev", "up", "-d")
+    assert r.code == 0, r.text
+    (old,) = web_containers(project)
+    # This time the new web exits at once (and fails fast): the roll stops there.
+    web = project_copy.parent.parent / "app" / "web.py"
+    web.write_text('raise SystemExit("web: broken release")\n' + web.read_text())
+    with Client(port) as client:
+        r = deploy(hosts, "dev", "up", "-d")
+    assert r.code == 1, r.text
+    assert "paused (failure_action: pause)" in r.error and "exited" in r.error
+    assert client.failed == [], client.failed[:5]
+    both = web_containers(project)  # the old one serving, the new one stopped where it failed
+    assert old in both and len(both) == 2
+    status = deploy(hosts, "dev", "status")
+    assert "(mid-roll)" in status.out, status.out
