@@ -97,7 +97,7 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
             return
         for service, roll in rolls.items():
             if service in mine:
-                rolling.roll(hs, compose, service, roll, deployed.current)
+                rolling.roll(hs, compose, service, roll, deployed.current, release.id)
         res = hs.runner.run(
             compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False, what="compose up"
         )

@@ -139,6 +139,7 @@ class Roll:
     grace: float  # the service's stop_grace_period, seconds
     current: str  # the release that runs now, for the messages
     wait_limit: float  # how long a new container may take to become healthy
+    release: str = "?"  # the release being rolled out, for the messages
 
     def plan(self) -> Plan:
         res = self.hs.runner.run(plan_argv(self.compose, self.service), echo=False, what="planning the roll")
@@ -210,8 +211,16 @@ class Roll:
     def _retire(self, old: list[str], new: list[str]) -> None:
         """The new containers serve: stop the old ones gracefully and remove them. Not cut
         short by an interrupt: half-retired is not a state to leave."""
-        with shielded_from_interrupts(lambda: self.hs.say(f"{self.service}: finishing the retirement first")):
+        with deferred_interrupts() as held:
             self.hs.runner.run(retire_argv(old, self.grace), echo=False, what="retiring the old containers")
+            try:
+                held.check()
+            except KeyboardInterrupt as exc:
+                raise StepInterrupted(
+                    exc,
+                    f"the roll of {self.service} was stopped once its new container(s) had taken over: the old "
+                    f"ones were retired and the new ones (release {self.release}) serve",
+                ) from None
 
     def _remove(self, ids: list[str]) -> None:
         if ids:
@@ -282,7 +291,7 @@ def plan_rolls(env: Environment, compose: dict, release: Release) -> dict[str, R
     return out
 
 
-def roll(hs: HostSession, compose: Compose, service: str, spec: RollSpec, current: str) -> None:
+def roll(hs: HostSession, compose: Compose, service: str, spec: RollSpec, current: str, release: str) -> None:
     """Roll the service on this host if containers of another configuration run."""
     if hs.dry_run:
         hs.say(
@@ -291,7 +300,7 @@ def roll(hs: HostSession, compose: Compose, service: str, spec: RollSpec, curren
             f"{spec.grace:g}, rm)"
         )
         return
-    r = Roll(hs, compose, service, spec.config, spec.grace, current or "(none)", spec.wait_limit)
+    r = Roll(hs, compose, service, spec.config, spec.grace, current or "(none)", spec.wait_limit, release)
     plan = r.plan()
     if plan.needs_roll():
         r.run(plan)
