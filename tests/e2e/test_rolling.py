@@ -85,12 +85,18 @@ def web_containers(project: str) -> list[str]:
     ).split()
 
 
-def test_a_changed_web_is_rolled_start_first_without_one_failed_request(make_inventory, world, project_copy):
+def deployed_once(make_inventory, world, project_copy: Path) -> tuple[Path, str, int, str]:
+    """The stack up at version 1: its inventory, project, port and web container."""
     hosts, project, port = stack(make_inventory, world, project_copy)
     version(project_copy, "1")
     r = deploy(hosts, "dev", "up", "-d")
     assert r.code == 0, r.text
     (old,) = web_containers(project)
+    return hosts, project, port, old
+
+
+def test_a_changed_web_is_rolled_start_first_without_one_failed_request(make_inventory, world, project_copy):
+    hosts, project, port, old = deployed_once(make_inventory, world, project_copy)
     version(project_copy, "2")
     with Client(port) as client:
         time.sleep(0.5)
@@ -111,11 +117,7 @@ def test_a_changed_web_is_rolled_start_first_without_one_failed_request(make_inv
 
 
 def test_a_web_that_never_becomes_healthy_is_rolled_back_and_the_old_one_serves(make_inventory, world, project_copy):
-    hosts, project, port = stack(make_inventory, world, project_copy)
-    version(project_copy, "1")
-    r = deploy(hosts, "dev", "up", "-d")
-    assert r.code == 0, r.text
-    (old,) = web_containers(project)
+    hosts, project, port, old = deployed_once(make_inventory, world, project_copy)
     # The new web answers nothing: its healthcheck fails until it is unhealthy.
     path = project_copy.parent.parent / "app" / "healthcheck.py"
     path.write_text("import sys\nsys.exit(1)\n")
@@ -128,11 +130,7 @@ def test_a_web_that_never_becomes_healthy_is_rolled_back_and_the_old_one_serves(
 
 
 def test_sigterm_mid_roll_leaves_the_old_set_serving_and_no_stray_container(make_inventory, world, project_copy):
-    hosts, project, port = stack(make_inventory, world, project_copy)
-    version(project_copy, "1")
-    r = deploy(hosts, "dev", "up", "-d")
-    assert r.code == 0, r.text
-    (old,) = web_containers(project)
+    hosts, project, port, old = deployed_once(make_inventory, world, project_copy)
     version(project_copy, "2")
     with Client(port) as client:
         proc = start_deploy(hosts, "dev", "up", "-d")
@@ -152,10 +150,7 @@ def test_failure_action_pause_leaves_old_and_new_running_and_says_so(make_invent
     compose = project_copy / "docker-compose.dev.yml"
     text = compose.read_text()
     compose.write_text(text.replace("order: start-first\n", "order: start-first\n        failure_action: pause\n"))
-    hosts, project, port = stack(make_inventory, world, project_copy)
-    r = deploy(hosts, "dev", "up", "-d")
-    assert r.code == 0, r.text
-    (old,) = web_containers(project)
+    hosts, project, port, old = deployed_once(make_inventory, world, project_copy)
     # This time the new web exits at once (and fails fast): the roll stops there.
     web = project_copy.parent.parent / "app" / "web.py"
     web.write_text('raise SystemExit("web: broken release")\n' + web.read_text())
