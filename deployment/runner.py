@@ -35,6 +35,11 @@ from .errors import (
 # nothing happened; we re-raise the interrupt once it has.
 INTERRUPTED = threading.Event()
 
+# Compose's warnings that say the opposite of what the tool does: `up -d` applies
+# deploy.update_config itself (rolling.py), so the operator is not shown that it "only
+# applies in Swarm mode". (The captured output keeps them.)
+COMPOSE_NOISE = ("deploy.update_config only applies to rolling updates in Swarm mode",)
+
 # How long an interrupted client waits for the host to stop a step and report.
 STOP_WAIT = 120.0
 
@@ -174,9 +179,10 @@ class LineWriter:
 
     _locks: dict[int, threading.Lock] = {}
 
-    def __init__(self, stream: IO[str], prefix: str = ""):
+    def __init__(self, stream: IO[str], prefix: str = "", drop: tuple[str, ...] = ()):
         self.stream = stream
         self.prefix = prefix
+        self.drop = drop  # lines holding one of these are not shown
         self.buf = ""
         self.lock = self._locks.setdefault(id(stream), threading.Lock())
 
@@ -184,6 +190,8 @@ class LineWriter:
         self.buf += data
         if "\n" in self.buf:
             *lines, self.buf = self.buf.split("\n")
+            if self.drop:
+                lines = [ln for ln in lines if not any(d in ln for d in self.drop)]
             with self.lock:
                 self.stream.write("".join(f"{self.prefix}{line.rstrip(chr(13))}\n" for line in lines))
                 self.stream.flush()
@@ -266,7 +274,7 @@ class HostRunner:
     def _stream(self, command: str, echo: bool, pty: bool, timeout: float | None, what: str) -> Result:
         """Run through Fabric/invoke, streaming output line by line (and a pty when asked)."""
         out = LineWriter(self.stdout, self.prefix) if echo else None
-        err = LineWriter(self.stderr, self.prefix) if echo else None
+        err = LineWriter(self.stderr, self.prefix, drop=COMPOSE_NOISE) if echo else None
         try:
             res = self.conn.run(
                 command, warn=True, hide=True, pty=pty, in_stream=False, out_stream=out, err_stream=err, timeout=timeout

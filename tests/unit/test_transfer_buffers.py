@@ -106,3 +106,16 @@ def test_hashing_writer_handles_a_real_size_stream(tmp_path):
     w, written = write_through(tmp_path, chunks * 8)
     assert len(written) == 8 * (20 * (255 << 10) + 4)
     assert w.digest.hexdigest() == hashlib.sha256(written).hexdigest()
+
+
+def test_line_writer_drops_compose_warnings_that_contradict_the_tool():
+    import io
+
+    from deployment.runner import COMPOSE_NOISE, LineWriter
+
+    out = io.StringIO()
+    w = LineWriter(out, "h | ", drop=COMPOSE_NOISE)
+    w.write('time="x" level=warning msg="service \\"web\\": deploy.update_config: ')
+    w.write('deploy.update_config only applies to rolling updates in Swarm mode"\n Container web Started\n')
+    w.finish()
+    assert out.getvalue() == "h |  Container web Started\n"
