@@ -102,13 +102,20 @@ class Change:
         ordered = _connect_all(ordered)
         deadline = time.monotonic() + self.invocation.lock_wait
         started = time.monotonic()
+        trying: HostSession | None = None
         try:
             waited = False
-            for hs in ordered:
-                waited = self._take(hs, deadline) or waited
-        except BaseException:
+            for trying in ordered:
+                waited = self._take(trying, deadline) or waited
+            trying = None
+        except BaseException as exc:
             with shielded_from_interrupts(lambda: None):
                 self._release_taken()
+                if trying is not None and not isinstance(exc, LockedError):
+                    # Interrupted (or cut off) while taking this host's lock: the mkdir may
+                    # have happened without this run hearing of it. Releasing by token
+                    # removes it only if it is this run's.
+                    self._release_quietly(trying)
             raise
         if waited:
             self._warn(f"lock taken after {time.monotonic() - started:.0f} s")
@@ -171,6 +178,18 @@ class Change:
         taken = [hs for hs in self.sessions if hs.name in self.taken and not self.taken[hs.name].shared]
         _each([(hs, []) for hs in taken], lambda job: self._finish_host(*job))
         self.taken.clear()
+
+    def _release_quietly(self, hs: HostSession) -> None:
+        try:
+            hs.open_runner().run(
+                lk.finish_argv(hs.env.env_dir, self.owner.token, []),
+                echo=False,
+                check=False,
+                timeout=STEP_TIMEOUT,
+                what="releasing the deploy lock",
+            )
+        except Exception:  # best effort: what it cannot remove here, it may not have taken
+            pass
 
     # --- the end: history and release ---------------------------------------------------------
 

@@ -290,3 +290,27 @@ def test_history_help_and_parse_errors():
     code = cli.main(["--hosts", "/nonexistent.yaml", "dev", "history", "-n", "0"], stdout=out, stderr=err)
     assert code == 2 and "n must be a whole number from 1 to 10000" in err.getvalue()
     assert sys.exc_info() == (None, None, None)
+
+
+class InterruptedAfter(LocalHost):
+    """Runs the script, then the operator's Ctrl+C arrives before the answer is read."""
+
+    def __init__(self, directory: Path):
+        super().__init__(directory)
+        self.interrupt = True
+
+    def run(self, argv: list[str], **kw) -> Result:
+        res = super().run(argv, **kw)
+        if self.interrupt and "deploy-lock" in argv:
+            self.interrupt = False
+            raise KeyboardInterrupt
+        return res
+
+
+def test_an_interrupt_while_taking_a_lock_leaves_no_lock_behind(env, tmp_path):
+    change, hs, err = change_on(env, tmp_path)
+    hs[1]._runner = InterruptedAfter(tmp_path / "hosts" / "web-b")  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        hs[0].runner  # noqa: B018
+    for name in ("web-a", "web-b", "web-c"):
+        assert not (tmp_path / "hosts" / name / ".lock").exists(), name
