@@ -11,6 +11,9 @@ Layout of an environment's directory on a host (`<remote_dir>/<env>`):
     shared/<path>         state: read-write directory bind mounts, outside every release
     deploys.log           "<epoch> <id>" for every successful up or rollback
     migrations.log        one JSON line for every migrate that applied migrations
+    history.jsonl         one JSON line per command that changed the environment (change.py)
+    .lock/                the deploy lock while a command changes the environment (lock.py),
+    .lock-guard           and the file its changes are flock'ed on
 
 The scripts are constants; every value reaches them as a positional parameter, never
 spliced into the script text. They run with umask 077: what they create (the
