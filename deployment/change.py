@@ -118,7 +118,7 @@ class Change:
                     self._release_quietly(trying)
             raise
         if waited:
-            self._warn(f"lock taken after {time.monotonic() - started:.0f} s")
+            self._tell(f"lock taken after {time.monotonic() - started:.0f} s")
 
     def _take(self, hs: HostSession, deadline: float) -> bool:
         """Take the lock on one host; True if that meant waiting."""
@@ -207,11 +207,14 @@ class Change:
     def _finish(self, exc: BaseException | None, status: int) -> None:
         result = _result(exc, status)
         per_host = getattr(exc, "outcomes", None)
+        # One environment, one project: its git state once for every host's line.
+        state = git_state(self.sessions[0].env) if self.invocation.writes_history else {}
+        git = {"commit": state.get("commit"), "dirty": state.get("dirty")}
         jobs = []
         for hs in self.sessions:
             lines = []
             if self.invocation.writes_history and hs.used:
-                lines.append(self.entry(hs, result, per_host))
+                lines.append(self.entry(hs, result, per_host, git))
             if lines or (hs.name in self.taken and not self.taken[hs.name].shared):
                 jobs.append((hs, lines))
         if not jobs:
@@ -256,7 +259,7 @@ class Change:
             elif res.exited == 0:
                 self._warn(f"{hs.name}: the lock was not released; clear it with {self.invocation.unlock_hint}")
 
-    def entry(self, hs: HostSession, result: tuple[str, int, str | None], per_host) -> dict:
+    def entry(self, hs: HostSession, result: tuple[str, int, str | None], per_host, git: dict) -> dict:
         """This run's line in the host's history.jsonl."""
         outcome, code, error = result
         if per_host:
@@ -286,18 +289,17 @@ class Change:
             "error": error,
             "version": __version__,
         }
-        record.update(self._git(hs))
+        record.update(git)
         for key in ("backup", "restore", "cleared_lock"):
             if key in hs.facts:
                 record[key] = hs.facts[key]
         return record
 
-    def _git(self, hs: HostSession) -> dict:
-        state = git_state(hs.env)
-        return {"commit": state.get("commit"), "dirty": state.get("dirty")}
-
     def _warn(self, msg: str) -> None:
-        self.err.write(f"deploy: {msg}\n" if msg.startswith("lock taken") else f"deploy: warning: {msg}\n")
+        self._tell(f"warning: {msg}")
+
+    def _tell(self, msg: str) -> None:
+        self.err.write(f"deploy: {msg}\n")
         self.err.flush()
 
 

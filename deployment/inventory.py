@@ -460,7 +460,7 @@ def _show(value: Any, limit: int = 60) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value) if value.bit_length() < 200 else f"a {value.bit_length()}-bit number"
-    return _kind(value)
+    return kind(value)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -489,10 +489,10 @@ class _Validator:
         an explicit null means "empty": the caller passes {} for those, never `x or {}`."""
         at = where or "(top level)"
         if not isinstance(value, dict):
-            raise self.fail(at, f"must be a mapping, not {_kind(value)}")
+            raise self.fail(at, f"must be a mapping, not {kind(value)}")
         for key in value:
             if not isinstance(key, str):
-                raise self.fail(at, f"key {_show(key)} must be a string, not {_kind(key)}")
+                raise self.fail(at, f"key {_show(key)} must be a string, not {kind(key)}")
         if allowed is not None:
             unknown = sorted(set(value) - allowed)
             if unknown:
@@ -509,7 +509,7 @@ class _Validator:
 
     def string(self, value: Any, where: str, pattern: re.Pattern | None = None, what: str = "") -> str:
         if not isinstance(value, str) or not value:
-            raise self.fail(where, f"must be a non-empty string, not {_kind(value)}")
+            raise self.fail(where, f"must be a non-empty string, not {kind(value)}")
         if pattern and not pattern.fullmatch(value):
             raise self.fail(where, f"{_show(value)} is not a valid {what}")
         return value
@@ -524,7 +524,7 @@ class _Validator:
         """A count or timeout, checked by limits (one range for the CLI and the inventory)."""
         kinds = (int,) if limit.integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
-            raise self.fail(where, f"{limit.what} must be {limit.describe()}, not {_kind(value)}")
+            raise self.fail(where, f"{limit.what} must be {limit.describe()}, not {kind(value)}")
         if isinstance(value, int) and value.bit_length() > 1000:
             # limits would format it as a float, which overflows for a huge integer.
             raise self.fail(where, f"{limit.what} must be {limit.describe()}, not {_show(value)}")
@@ -623,7 +623,7 @@ class _Validator:
             known_hosts = (self.known_hosts_file(known, src("known_hosts")),)
         protected = spec.get("protected", False)
         if not isinstance(protected, bool):
-            raise self.fail(f"{where}.protected", f"must be true or false, not {_kind(protected)}")
+            raise self.fail(f"{where}.protected", f"must be true or false, not {kind(protected)}")
         variables = self.variables(
             self.optional_mapping(spec, "variables", f"{where}.variables", None), f"{where}.variables"
         )
@@ -680,7 +680,7 @@ class _Validator:
         if not isinstance(value, dict):
             raise self.fail(
                 where,
-                f"must be a mapping of roles to lists of services, not {_kind(value)}",
+                f"must be a mapping of roles to lists of services, not {kind(value)}",
                 hint="for example roles: {app: [web, worker], db: [db]}",
             )
         self.mapping(value, where, None)
@@ -694,7 +694,7 @@ class _Validator:
                     "starting with a letter)",
                 )
             if not isinstance(services, list) or not services:
-                raise self.fail(w, f"must be a non-empty list of service names, not {_kind(services)}")
+                raise self.fail(w, f"must be a non-empty list of service names, not {kind(services)}")
             names: list[str] = []
             for j, service in enumerate(services):
                 name = self.string(service, f"{w}[{j}]", SERVICE_RE, "service name")
@@ -763,7 +763,7 @@ class _Validator:
 
     def hosts(self, value: Any, where: str) -> tuple[Host, ...]:
         if not isinstance(value, list) or not value:
-            raise self.fail(where, f"must be a non-empty list of hosts, not {_kind(value)}")
+            raise self.fail(where, f"must be a non-empty list of hosts, not {kind(value)}")
         out, seen = [], set()
         for i, item in enumerate(value):
             w = f"{where}[{i}]"
@@ -776,7 +776,7 @@ class _Validator:
                 host = self.host_string(item["name"], f"{w}.name")
                 roles = item.get("roles", ["app"])
                 if not isinstance(roles, list) or not roles:
-                    raise self.fail(f"{w}.roles", f"must be a non-empty list, not {_kind(roles)}")
+                    raise self.fail(f"{w}.roles", f"must be a non-empty list, not {kind(roles)}")
                 host = Host(
                     host.name,
                     host.user,
@@ -784,7 +784,7 @@ class _Validator:
                     tuple(self.string(r, f"{w}.roles[{j}]", ROLE_RE, "role") for j, r in enumerate(roles)),
                 )
             else:
-                raise self.fail(w, f"must be a host string or a mapping with name and roles, not {_kind(item)}")
+                raise self.fail(w, f"must be a host string or a mapping with name and roles, not {kind(item)}")
             key = _host_string(host)
             if key in seen:
                 raise self.fail(w, f"host '{key}' is listed twice")
@@ -834,12 +834,13 @@ class _Validator:
             elif isinstance(v, float) and not math.isfinite(v):
                 raise self.fail(w, f"must be a finite number, not {v!r}")
             elif v is None or not isinstance(v, (int, float, bool)):
-                raise self.fail(w, f"must be a string, number, boolean or {{env: NAME}}, not {_kind(v)}")
+                raise self.fail(w, f"must be a string, number, boolean or {{env: NAME}}, not {kind(v)}")
             out[key] = v
         return out
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
+    """A YAML value's kind, for an error line: 'a mapping', 'a number', 'empty', ..."""
     if value is None:
         return "empty"
     return {

@@ -460,13 +460,12 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
     def step(hs: HostSession) -> None:
         _, compose = _prepare_one_off(hs, release, service)
         argv = ["python3", "migrate.py"] + (["--plan"] if plan else [])
-        step_id = bk.new_step_id()
-        name = _one_off_name(env, "migrate", step_id)
         res = _run_one_off(
             hs,
-            compose.run(service, argv, name=name, app_name=f"deploy-{step_id}"),
-            step_id,
-            name,
+            compose,
+            service,
+            argv,
+            "migrate",
             "migrate.py",
             _one_off_outcome(
                 "the migration",
@@ -488,8 +487,13 @@ def migrate(hosts: list[HostSession], plan: bool = False, no_backup: bool = Fals
     return ExitStatus.OK
 
 
-def _run_one_off(hs: HostSession, argv: list[str], step_id: str, container: str, what: str, outcome):
-    """A one-off container whose output streams, and which an interrupt stops on the host."""
+def _run_one_off(hs: HostSession, compose: Compose, service: str, command: list[str], kind: str, what: str, outcome):
+    """`command` in a one-off container of `service` whose output streams, and which an
+    interrupt stops on the host: the container is named for the step, and its database
+    sessions carry the step's application name, so the stop script finds both."""
+    step_id = bk.new_step_id()
+    container = _one_off_name(hs.env, kind, step_id)
+    argv = compose.run(service, command, name=container, app_name=f"deploy-{step_id}")
     if hs.dry_run:
         return hs.runner.run(argv)
     env = hs.env
@@ -534,13 +538,12 @@ def run_tests(hosts: list[HostSession], service: str | None = None) -> ExitStatu
             # Protected environments get only the smoke tests that write nothing.
             argv.append("--read-only")
             hs.say(f"{env.name} is protected: running the read-only subset only")
-        step_id = bk.new_step_id()
-        name = _one_off_name(env, "test", step_id)
         res = _run_one_off(
             hs,
-            compose.run(app, argv, name=name, app_name=f"deploy-{step_id}"),
-            step_id,
-            name,
+            compose,
+            app,
+            argv,
+            "test",
             "run_tests.py",
             _one_off_outcome("the test run", "its container was removed"),
         )

@@ -34,6 +34,7 @@ import yaml
 from . import dockerignore
 from .errors import UsageError
 from .inventory import Environment
+from .inventory import kind as kind_of
 
 ALWAYS_IGNORED = {".git", "__pycache__", ".venv", ".mypy_cache", ".pytest_cache", ".DS_Store"}
 KEEP_RELEASES = 5
@@ -239,19 +240,6 @@ class _Ref:
     read_only: bool = False
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "empty"
-    return {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
-
-
 def _references(compose: dict, path: Path) -> list[_Ref]:
     """Check the parts of the compose file the tool reads and return the local paths it
     names: build contexts, Dockerfiles, env_files and relative bind-mount sources."""
@@ -261,7 +249,7 @@ def _references(compose: dict, path: Path) -> list[_Ref]:
 
     def text(value: Any, where: str) -> str:
         if not isinstance(value, str) or not value:
-            raise fail(where, f"must be a non-empty string, not {_kind(value)}")
+            raise fail(where, f"must be a non-empty string, not {kind_of(value)}")
         return value
 
     refs: list[_Ref] = []
@@ -270,7 +258,7 @@ def _references(compose: dict, path: Path) -> list[_Ref]:
             raise fail("services", f"service name {name!r} must be a string")
         w = f"services.{name}"
         if not isinstance(svc, dict):
-            raise fail(w, f"must be a mapping, not {_kind(svc)}")
+            raise fail(w, f"must be a mapping, not {kind_of(svc)}")
         if "build" in svc:
             b = svc["build"]
             if isinstance(b, str):
@@ -288,7 +276,7 @@ def _references(compose: dict, path: Path) -> list[_Ref]:
                         )
                     )
             else:
-                raise fail(f"{w}.build", f"must be a path or a mapping, not {_kind(b)}")
+                raise fail(f"{w}.build", f"must be a path or a mapping, not {kind_of(b)}")
         if "env_file" in svc:
             ef = svc["env_file"]
             if isinstance(ef, str):
@@ -301,17 +289,17 @@ def _references(compose: dict, path: Path) -> list[_Ref]:
                             raise fail(f"{wi}.path", "is required")
                         required = item.get("required", True)
                         if not isinstance(required, bool):
-                            raise fail(f"{wi}.required", f"must be true or false, not {_kind(required)}")
+                            raise fail(f"{wi}.required", f"must be true or false, not {kind_of(required)}")
                         refs.append(_Ref(f"{wi}.path", text(item["path"], f"{wi}.path"), "env_file", required))
                     else:
                         refs.append(_Ref(wi, text(item, wi), "env_file"))
             elif ef is not None:
-                raise fail(f"{w}.env_file", f"must be a path or a list, not {_kind(ef)}")
+                raise fail(f"{w}.env_file", f"must be a path or a list, not {kind_of(ef)}")
         if "volumes" in svc:
             vols = svc["volumes"]
             if not isinstance(vols, list):
                 if vols is not None:
-                    raise fail(f"{w}.volumes", f"must be a list, not {_kind(vols)}")
+                    raise fail(f"{w}.volumes", f"must be a list, not {kind_of(vols)}")
                 vols = []
             for i, vol in enumerate(vols):
                 wi = f"{w}.volumes[{i}]"
@@ -325,14 +313,14 @@ def _references(compose: dict, path: Path) -> list[_Ref]:
                 elif isinstance(vol, dict):
                     kind = vol.get("type", "volume")
                     if not isinstance(kind, str):
-                        raise fail(f"{wi}.type", f"must be a string, not {_kind(kind)}")
+                        raise fail(f"{wi}.type", f"must be a string, not {kind_of(kind)}")
                     if "source" in vol and not isinstance(vol["source"], str):
-                        raise fail(f"{wi}.source", f"must be a string, not {_kind(vol['source'])}")
+                        raise fail(f"{wi}.source", f"must be a string, not {kind_of(vol['source'])}")
                     src = vol.get("source") or ""
                     long_target = vol.get("target")
                     if kind == "bind" and src.startswith("."):
                         if not isinstance(long_target, str) or not long_target:
-                            raise fail(f"{wi}.target", f"must be a non-empty string, not {_kind(long_target)}")
+                            raise fail(f"{wi}.target", f"must be a non-empty string, not {kind_of(long_target)}")
                         refs.append(
                             _Ref(
                                 f"{wi}.source",
@@ -344,7 +332,7 @@ def _references(compose: dict, path: Path) -> list[_Ref]:
                             )
                         )
                 else:
-                    raise fail(wi, f"must be a string or a mapping, not {_kind(vol)}")
+                    raise fail(wi, f"must be a string or a mapping, not {kind_of(vol)}")
     for ref in refs:
         if "$" in ref.value and not _remote(ref):
             raise fail(

@@ -146,7 +146,7 @@ class Roll:
         return parse_plan(res.stdout)
 
     def run(self, plan: Plan) -> None:
-        old = [cid for cid, h, state in plan.have if h != plan.want]
+        old = plan.outdated
         keep = [cid for cid, h, _ in plan.have if h == plan.want]  # already new (an earlier roll)
         batch_size = self.config.parallelism or len(old)
         self.hs.say(
@@ -175,7 +175,7 @@ class Roll:
             try:
                 held.check()
             except KeyboardInterrupt as exc:
-                self._interrupted(exc, new, [])
+                self._interrupted(exc, new)
         if len(new) != count:
             self._remove(new)
             raise RollFailed(f"{self.hs.name}: {self.service}: expected {count} new container(s), found {len(new)}")
@@ -206,7 +206,7 @@ class Roll:
                     self._failed(new, old, new[0], states.get(new[0], ("?", "?")), timed_out=True)
                 time.sleep(POLL_SECONDS)
         except KeyboardInterrupt as exc:
-            self._interrupted(exc, new, [])
+            self._interrupted(exc, new)
 
     def _retire(self, old: list[str], new: list[str]) -> None:
         """The new containers serve: stop the old ones gracefully and remove them. Not cut
@@ -251,7 +251,7 @@ class Roll:
             hint="its last log lines are shown above",
         )
 
-    def _interrupted(self, exc: KeyboardInterrupt, new: list[str], _old: list[str]) -> None:
+    def _interrupted(self, exc: KeyboardInterrupt, new: list[str]) -> None:
         with shielded_from_interrupts(lambda: None):
             self._remove(new)
         raise StepInterrupted(
