@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import swarm_world  # tests/testbed/swarm_world.py: run as a script, this directory is on sys.path
+
 HERE = Path(__file__).resolve().parent
 STATE = Path(os.environ.get("TESTBED_DIR", "/var/tmp/deploy-testbed"))
 COMPOSE_VENV = Path("/opt/deploy-testbed/compose")
@@ -460,6 +462,7 @@ def describe(world: dict[str, str]) -> dict:
         "jump_aliases": {a: {"target": t, "jump": j} for a, (t, j) in JUMP_ALIASES.items()},
         "remote_root": str(STATE / "remote"),
         "images": {"POSTGRES_IMAGE": POSTGRES_IMAGE, "APP_BASE_IMAGE": BASE_IMAGE, "PROXY_IMAGE": PROXY_IMAGE},
+        "swarm": swarm_world.describe(),
     }
 
 
@@ -530,7 +533,14 @@ def up() -> dict:
     world = hosts()
     for name, addr in world.items():
         ensure_sshd(name, addr)
-    write_client_files(world)
+    swarm = swarm_world.ensure_swarm_nodes(
+        STATE,
+        images=[BASE_IMAGE, POSTGRES_IMAGE, PROXY_IMAGE],
+        sshd_config=SSHD_CONFIG,
+        ssh_port=SSH_PORT,
+        user=SSH_USER,
+    )
+    write_client_files({**world, **swarm["nodes"]})
     write_demo_inventory(world)
     info = describe(world)
     (STATE / "world.json").write_text(json.dumps(info, indent=2))
@@ -539,6 +549,7 @@ def up() -> dict:
 
 
 def down() -> None:
+    swarm_world.stop_swarm_nodes(STATE)
     for pidfile in sorted(STATE.glob("hosts/*/sshd.pid")):
         stop(pidfile, "sshd")
     stop(STATE / "dockerd.pid", "dockerd")
@@ -570,6 +581,7 @@ def status() -> int:
         pid = pid_alive(STATE / "hosts" / name / "sshd.pid", "sshd")
         print(f"{name:16} {addr}:{SSH_PORT} sshd {'pid ' + str(pid) if pid else 'down'}")
         rc |= pid is None
+    rc |= swarm_world.status(STATE, SSH_PORT)
     return rc
 
 
