@@ -39,12 +39,15 @@ SUFFIX = ".dump"
 
 # --- remote scripts (constants; every value is a positional parameter) -------------------
 
-# The db container: the running container of service $3 in compose project $2.
-_FIND_DB = (
+# The db container: the running container of service $3 in compose project $2, or on a
+# swarm node the running task of service $2_$3 (the stack is named like the project).
+_DB_CONTAINER = (
     'c=$(docker ps -q --filter "label=com.docker.compose.project=$2" '
     '--filter "label=com.docker.compose.service=$3" --filter status=running | head -n 1); '
-    'if [ -z "$c" ]; then echo "the $3 service of $2 is not running" >&2; exit 3; fi; '
+    '[ -n "$c" ] || c=$(docker ps -q --filter "label=com.docker.swarm.service.name=$2_$3" '
+    "--filter status=running | head -n 1); "
 )
+_FIND_DB = _DB_CONTAINER + 'if [ -z "$c" ]; then echo "the $3 service of $2 is not running" >&2; exit 3; fi; '
 
 
 # A step that changes or reads the database records its shell's pid under a step id
@@ -199,9 +202,8 @@ STOP_SCRIPT = EXPAND_DIR + (
     'if [ -n "$5" ]; then '
     '  ips=$(docker inspect -f "{{range .NetworkSettings.Networks}}{{.IPAddress}},{{end}}" "$5" 2>/dev/null || true); '
     '  docker kill "$5" >/dev/null 2>&1 || true; fi; '
-    'c=$(docker ps -q --filter "label=com.docker.compose.project=$2" '
-    '--filter "label=com.docker.compose.service=$3" --filter status=running | head -n 1); '
-    'if [ -n "$c" ]; then docker exec -e PGOPTIONS="-c deploy.ips=${ips%,}" "$c" sh -c \'exec psql -X -A -t '
+    + _DB_CONTAINER
+    + 'if [ -n "$c" ]; then docker exec -e PGOPTIONS="-c deploy.ips=${ips%,}" "$c" sh -c \'exec psql -X -A -t '
     '--username="$POSTGRES_USER" --dbname="${POSTGRES_DB:-$POSTGRES_USER}" -c "$1"\' sh "$6"; fi'
 )
 

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from . import __version__, history, limits, lock_ops, release_ops
+from . import __version__, engines, history, limits, lock_ops
 from . import inventory as inv
-from . import operations as ops
 from .change import Change, Invocation, via
 from .errors import DeployError, ExitStatus, UsageError, interruption, terminate_as_interrupt
 from .session import HostSession, sessions
@@ -153,7 +152,7 @@ COMMANDS: dict[str, Command] = {
             "up",
             "start the services (foreground until Ctrl+C; -d: detached, waits until healthy)",
             _up_args,
-            lambda a, hs, io: ops.up(hs, a.services, detach=a.detach, build=a.build),
+            lambda a, hs, io: engines.of(hs).up(hs, a.services, detach=a.detach, build=a.build),
             takes_lock=True,
             writes_history=True,
         ),
@@ -161,7 +160,7 @@ COMMANDS: dict[str, Command] = {
             "down",
             "stop and remove the services and networks (--volumes: the data too)",
             _down_args,
-            lambda a, hs, io: ops.down(hs, volumes=a.volumes, yes=a.yes, stdin=io.stdin, out=io.stderr),
+            lambda a, hs, io: engines.of(hs).down(hs, volumes=a.volumes, yes=a.yes, stdin=io.stdin, out=io.stderr),
             takes_lock=True,
             writes_history=True,
         ),
@@ -169,7 +168,7 @@ COMMANDS: dict[str, Command] = {
             "build",
             "build the images of all or the named services",
             lambda p: _services(p, "services to build"),
-            lambda a, hs, io: ops.build(hs, a.services),
+            lambda a, hs, io: engines.of(hs).build(hs, a.services),
             takes_lock=True,
             writes_history=True,
         ),
@@ -177,25 +176,25 @@ COMMANDS: dict[str, Command] = {
             "logs",
             "show the services' logs (-f to follow)",
             _logs_args,
-            lambda a, hs, io: ops.logs(hs, a.services, follow=a.follow, tail=a.tail),
+            lambda a, hs, io: engines.of(hs).logs(hs, a.services, follow=a.follow, tail=a.tail),
         ),
         Command(
             "status",
             "each service's state, health and published ports, per host",
             lambda p: p.add_argument("--json", action="store_true", help="one JSON document"),
-            lambda a, hs, io: ops.status(hs, as_json=a.json, out=io.stdout),
+            lambda a, hs, io: engines.of(hs).status(hs, as_json=a.json, out=io.stdout),
         ),
         Command(
             "check",
             "connect to every host: host key, docker and compose versions, free disk",
             lambda p: None,
-            lambda a, hs, io: ops.check(hs, out=io.stdout),
+            lambda a, hs, io: engines.of(hs).check(hs, out=io.stdout),
         ),
         Command(
             "migrate",
             "apply pending database migrations (migrate.py) on the db host",
             _migrate_args,
-            lambda a, hs, io: ops.migrate(hs, plan=a.plan, no_backup=a.no_backup),
+            lambda a, hs, io: engines.of(hs).migrate(hs, plan=a.plan, no_backup=a.no_backup),
             takes_lock=True,
             writes_history=True,
         ),
@@ -203,20 +202,20 @@ COMMANDS: dict[str, Command] = {
             "test",
             "run the app's tests (run_tests.py) against the running environment",
             _test_args,
-            lambda a, hs, io: ops.run_tests(hs, a.service),
+            lambda a, hs, io: engines.of(hs).run_tests(hs, a.service),
         ),
         Command(
             "backup",
             "dump the database on the db host, verify it, pull it to backups/ENV/",
             _backup_args,
-            lambda a, hs, io: ops.backup(hs, keep=a.keep, out=io.stdout),
+            lambda a, hs, io: engines.of(hs).backup(hs, keep=a.keep, out=io.stdout),
             writes_history=True,
         ),
         Command(
             "restore",
             "restore the newest verified backup (or --file) into the database",
             _restore_args,
-            lambda a, hs, io: ops.restore(
+            lambda a, hs, io: engines.of(hs).restore(
                 hs,
                 file=a.file,
                 yes=a.yes,
@@ -229,16 +228,24 @@ COMMANDS: dict[str, Command] = {
             writes_history=True,
         ),
         Command(
+            "init",
+            "swarm environments: form the swarm from the inventory (idempotent: changes only what differs)",
+            lambda p: None,
+            lambda a, hs, io: engines.of(hs).init(hs, out=io.stdout),
+            takes_lock=True,
+            writes_history=True,
+        ),
+        Command(
             "releases",
             "the releases kept on each host, newest first: deployed when, by whom, which commit",
             lambda p: p.add_argument("--json", action="store_true", help="one JSON document"),
-            lambda a, hs, io: release_ops.releases(hs, as_json=a.json, out=io.stdout),
+            lambda a, hs, io: engines.of(hs).releases(hs, as_json=a.json, out=io.stdout),
         ),
         Command(
             "rollback",
             "bring up the release before the current one (or RELEASE) with its own images",
             _rollback_args,
-            lambda a, hs, io: release_ops.rollback(hs, a.release, yes=a.yes, stdin=io.stdin, err=io.stderr),
+            lambda a, hs, io: engines.of(hs).rollback(hs, a.release, yes=a.yes, stdin=io.stdin, err=io.stderr),
             takes_lock=True,
             writes_history=True,
         ),

@@ -83,7 +83,23 @@ SHARED_KEYS = {
     "backup",
     "root",
 }
-ENV_KEYS = SHARED_KEYS | {"compose_file", "hosts", "variables", "protected", "app_service", "db_service", "roles"}
+ENV_KEYS = SHARED_KEYS | {
+    "compose_file",
+    "hosts",
+    "variables",
+    "protected",
+    "app_service",
+    "db_service",
+    "roles",
+    "engine",
+}
+ENGINES = ("compose", "swarm")
+# Roles of a swarm node itself rather than of the services it runs: `manager` (a swarm
+# manager; the first one forms the swarm) and `builder` (builds the release's images;
+# default: the first manager). They need no entry in `roles:`.
+NODE_ROLES = frozenset({"manager", "builder"})
+# An advertise address: an IPv4/IPv6 address or an interface name, optionally with :port.
+ADVERTISE_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,255}")
 TOP_KEYS = {"project", "defaults", "environments"}
 BACKUP_KEYS = {"dir", "keep"}
 
@@ -94,6 +110,9 @@ class Host:
     user: str | None = None  # from "user@host:port", else the environment's
     port: int | None = None
     roles: tuple[str, ...] = ("app",)
+    # Swarm: the address other nodes reach this one at (default: the address the
+    # operator's SSH connection reached it at).
+    advertise_addr: str | None = None
 
     @property
     def label(self) -> str:
@@ -127,6 +146,23 @@ class Environment:
     # `roles:` (role -> the services a host with that role runs; see placement.py).
     # None: no mapping, every host runs every service.
     role_services: dict[str, tuple[str, ...]] | None = None
+    # compose: `docker compose` on each host; swarm: one Docker Swarm across the hosts.
+    engine: str = "compose"
+
+    @property
+    def swarm(self) -> bool:
+        return self.engine == "swarm"
+
+    def managers(self) -> tuple[Host, ...]:
+        return tuple(h for h in self.hosts if "manager" in h.roles)
+
+    def builder(self) -> Host | None:
+        """Swarm: where the release's images are built (a `builder` host, else the first manager)."""
+        for h in self.hosts:
+            if "builder" in h.roles:
+                return h
+        managers = self.managers()
+        return managers[0] if managers else None
 
     @property
     def compose_project(self) -> str:
@@ -607,7 +643,12 @@ class _Validator:
             return f"{where}.{key}" if key in spec else f"defaults.{key}"
 
         compose_file = self.existing(spec["compose_file"], f"{where}.compose_file")
-        hosts = self.hosts(spec["hosts"], f"{where}.hosts")
+        engine = self.string(spec.get("engine", "compose"), f"{where}.engine")
+        if engine not in ENGINES:
+            raise self.fail(f"{where}.engine", f"must be one of {', '.join(ENGINES)}, not {_show(engine)}")
+        hosts = self.hosts(spec["hosts"], f"{where}.hosts", swarm=engine == "swarm")
+        if engine == "swarm":
+            self.swarm_hosts(hosts, f"{where}.hosts")
         user = self.string(merged["user"], src("user"), USER_RE, "user name") if "user" in merged else None
         port = self.whole(merged["port"], src("port"), limits.PORT) if "port" in merged else None
         remote_dir = self.single_line(merged.get("remote_dir", f"/srv/{project}"), src("remote_dir"))
@@ -645,7 +686,7 @@ class _Validator:
         role_services = None
         if spec.get("roles") is not None:  # missing or null: no mapping
             role_services = self.role_services(spec["roles"], f"{where}.roles")
-            self.host_roles_mapped(spec["hosts"], hosts, role_services, where)
+            self.host_roles_mapped(spec["hosts"], hosts, role_services, where, swarm=engine == "swarm")
         return Environment(
             name=name,
             project=project,
@@ -671,7 +712,20 @@ class _Validator:
             ),
             db_service=self.string(spec.get("db_service", "db"), f"{where}.db_service", SERVICE_RE, "service name"),
             role_services=role_services,
+            engine=engine,
         )
+
+    def swarm_hosts(self, hosts: tuple[Host, ...], where: str) -> None:
+        """A swarm needs a manager; more than one builder is ambiguous."""
+        if not any("manager" in h.roles for h in hosts):
+            raise self.fail(
+                where,
+                "a swarm environment needs at least one host with the role manager",
+                hint="for example - {name: HOST, roles: [manager, app, db]}",
+            )
+        builders = [h.label for h in hosts if "builder" in h.roles]
+        if len(builders) > 1:
+            raise self.fail(where, f"only one host may have the role builder (found: {', '.join(builders)})")
 
     def role_services(self, value: Any, where: str) -> dict[str, tuple[str, ...]]:
         """`roles: {app: [web, worker], db: [db]}`: each role names the services a host
@@ -705,7 +759,12 @@ class _Validator:
         return out
 
     def host_roles_mapped(
-        self, raw_hosts: list, hosts: tuple[Host, ...], role_services: dict[str, tuple[str, ...]], where: str
+        self,
+        raw_hosts: list,
+        hosts: tuple[Host, ...],
+        role_services: dict[str, tuple[str, ...]],
+        where: str,
+        swarm: bool = False,
     ) -> None:
         """With a `roles:` mapping, every role a host carries must be in it (a host
         without `roles` has the role app), or that host would run nothing."""
@@ -713,7 +772,7 @@ class _Validator:
         for i, (item, host) in enumerate(zip(raw_hosts, hosts, strict=True)):
             explicit = isinstance(item, dict) and "roles" in item
             for j, role in enumerate(host.roles):
-                if role in role_services:
+                if role in role_services or (swarm and role in NODE_ROLES):
                     continue
                 if explicit:
                     at, has = f"{where}.hosts[{i}].roles[{j}]", f"has the role {_show(role)}"
@@ -761,7 +820,7 @@ class _Validator:
         self.stat(p, where)  # may be missing (the default often is); must not be unreadable
         return p
 
-    def hosts(self, value: Any, where: str) -> tuple[Host, ...]:
+    def hosts(self, value: Any, where: str, swarm: bool = False) -> tuple[Host, ...]:
         if not isinstance(value, list) or not value:
             raise self.fail(where, f"must be a non-empty list of hosts, not {kind(value)}")
         out, seen = [], set()
@@ -770,18 +829,26 @@ class _Validator:
             if isinstance(item, str):
                 host = self.host_string(item, w)
             elif isinstance(item, dict):
-                item = self.mapping(item, w, {"name", "roles"})
+                item = self.mapping(item, w, {"name", "roles", "advertise_addr"})
                 if "name" not in item:
                     raise self.fail(f"{w}.name", "is required")
                 host = self.host_string(item["name"], f"{w}.name")
                 roles = item.get("roles", ["app"])
                 if not isinstance(roles, list) or not roles:
                     raise self.fail(f"{w}.roles", f"must be a non-empty list, not {kind(roles)}")
+                advertise = None
+                if "advertise_addr" in item:
+                    if not swarm:
+                        raise self.fail(f"{w}.advertise_addr", "applies only to an environment with engine: swarm")
+                    advertise = self.string(
+                        item["advertise_addr"], f"{w}.advertise_addr", ADVERTISE_RE, "address (or interface[:port])"
+                    )
                 host = Host(
                     host.name,
                     host.user,
                     host.port,
                     tuple(self.string(r, f"{w}.roles[{j}]", ROLE_RE, "role") for j, r in enumerate(roles)),
+                    advertise,
                 )
             else:
                 raise self.fail(w, f"must be a host string or a mapping with name and roles, not {kind(item)}")

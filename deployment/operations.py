@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -568,11 +568,14 @@ def backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | Non
     return ExitStatus.OK
 
 
-def take_backup(hosts: list[HostSession], keep: int | None = None, out: IO[str] | None = None) -> Path | None:
-    """Dump on the db host, verify there, pull back, verify here, then apply retention.
-    Returns the local file (None in a dry run)."""
+def take_backup(
+    hosts: list[HostSession], keep: int | None = None, out: IO[str] | None = None, db: HostSession | None = None
+) -> Path | None:
+    """Dump on the db host (`db`: the swarm engine's node that runs the database's task),
+    verify there, pull back, verify here, then apply retention. Returns the local file
+    (None in a dry run)."""
     env = hosts[0].env
-    hs = one_off_host(hosts)
+    hs = db or one_off_host(hosts)
     report = bk.Reporter(out or hs.out)
     count = int(limits.KEEP.check(env.backup_keep if keep is None else keep))
     if hs.dry_run:
@@ -654,16 +657,21 @@ def restore(
     stdin: IO[str] | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
+    db: HostSession | None = None,
+    around: Callable[[], Callable[[], None]] | None = None,
 ) -> ExitStatus:
+    """`db`: the host to restore on (default: the db host); `around`: called once the
+    backup is checked and the database is about to change, returns what to call after
+    it, whatever happened (the swarm engine scales the services that use it to 0)."""
     env = hosts[0].env
-    hs = one_off_host(hosts)
+    hs = db or one_off_host(hosts)
     report = bk.Reporter(out or hs.out)
     if hs.dry_run:
         # Checks the file as a real run would, then prints the commands; creates nothing.
         _restore_checked(hs, env, file, yes, allow_other_env, stdin, err or hs.err, report)
         return ExitStatus.OK
     with bk.EnvLock(env.backup_dir, env.compose_project):
-        _restore_checked(hs, env, file, yes, allow_other_env, stdin, err or hs.err, report)
+        _restore_checked(hs, env, file, yes, allow_other_env, stdin, err or hs.err, report, around)
     return ExitStatus.OK
 
 
@@ -700,7 +708,7 @@ def _restore_outcome(res) -> str:
     return "the restore was stopped on the host and its transaction rolled back: the database is as it was"
 
 
-def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report) -> None:
+def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report, around=None) -> None:
     path = _backup_to_restore(env, file)
     expected, manifest = bk.read_checksum(path)
     actual = bk.file_sha256(path)
@@ -745,12 +753,17 @@ def _restore_checked(hs, env, file, yes, allow_other_env, stdin, err, report) ->
     started = time.monotonic()
     hs.runner.put_file(str(path), remote_file, progress=lambda done: report.progress(done, size, started))
     report.progress(size, size, started, final=True)
-    res = hs.runner.run_stoppable(
-        bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual, remote_file, step),
-        bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
-        what="the restore",
-        outcome=_restore_outcome,
-    )
+    after = around() if around is not None else None
+    try:
+        res = hs.runner.run_stoppable(
+            bk.restore_argv(env.env_dir, env.compose_project, env.db_service, actual, remote_file, step),
+            bk.stop_argv(env.env_dir, env.compose_project, env.db_service, step),
+            what="the restore",
+            outcome=_restore_outcome,
+        )
+    finally:
+        if after is not None:
+            after()
     # The script's own lines about the services it stopped and started again.
     service_lines = ("stopping the services", "started again", "could not start again")
     for line in res.stderr.splitlines():

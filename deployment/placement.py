@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import UsageError
-from .inventory import Environment, Host
+from .inventory import NODE_ROLES, Environment, Host
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PLAIN_RE = re.compile(r"[A-Za-z0-9_\[][A-Za-z0-9_.@:\[\]-]{0,300}")
@@ -71,6 +71,8 @@ def services_for_host(env: Environment, host: Host, compose: dict) -> list[str]:
     _check_mapping(env, services)
     wanted: set[str] = set()
     for role in host.roles:
+        if env.swarm and role in NODE_ROLES:
+            continue  # a property of the node (manager, builder), not services to run
         if role not in env.role_services:
             # The inventory loader refuses this; an Environment built elsewhere may not.
             raise UsageError(
