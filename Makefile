@@ -34,7 +34,7 @@ testbed-status:
 PYTEST_WORKERS ?= 4
 
 test: venv lint testbed
-	$(PY) -m pytest -n $(PYTEST_WORKERS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # Lint, format and type checks take seconds; run first, they fail fast before the
 # test world is built. mypy checks the package only (tests and bench are untyped).
@@ -47,7 +47,7 @@ unit: venv
 	$(PY) -m pytest tests/unit
 
 e2e: venv testbed
-	$(PY) -m pytest -n $(PYTEST_WORKERS) tests/e2e
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests/e2e
 
 # The dev stack on the world's dev host, through the tool, with the inventory the
 # testbed writes ($(TESTBED_DIR)/hosts.yaml).

@@ -429,7 +429,14 @@ def _deploy(hosts: list[HostSession], plan: Plan, release: rel.Release | None, c
     )
     _converge(manager, plan, started, before)
     manager.mark_up(plan.release_id, command, whole_stack=False)
+    _release_everywhere(hosts, plan.release_id)
     return before
+
+
+def _release_everywhere(hosts: list[HostSession], release_id: str) -> None:
+    """The history's release: the stack's, so every host of the change names it."""
+    for hs in hosts:
+        hs.facts["release_after"] = release_id
 
 
 def _abs_env_dir(hs: HostSession) -> str:
@@ -451,13 +458,13 @@ def _ship(hosts: list[HostSession], plan: Plan) -> None:
             groups.setdefault(tuple(images), []).append(hs)
     builder_runner = plan.builder.runner
     assert isinstance(builder_runner, HostRunner)
-    for images, group in groups.items():
+    for wanted, group in groups.items():
         runners: dict[str, HostRunner] = {}
         for hs in group:
             r = hs.runner
             assert isinstance(r, HostRunner)
             runners[hs.name] = r
-        report = image_ship.ship(builder_runner, runners, list(images), say=plan.manager.say)
+        report = image_ship.ship(builder_runner, runners, list(wanted), say=plan.manager.say)
         plan.manager.say(report.summary())
 
 
@@ -631,12 +638,12 @@ def down(
         time.sleep(POLL)
     manager.say(f"{stack}: removed from the swarm" if had else f"{stack}: nothing was running; nothing to remove")
     if volumes:
-        removed = fan_out(
+        gone = fan_out(
             hosts, lambda hs: hs.runner.run(sc.remove_volumes_argv(stack), echo=False).stdout.split(), out=QUIET
         )
-        for o in removed:
-            if o.result():
-                manager.say(f"{o.host}: removed volumes {', '.join(o.result())}")
+        for g in gone:
+            if g.result():
+                manager.say(f"{g.host}: removed volumes {', '.join(g.result())}")
     return ExitStatus.OK
 
 
@@ -969,17 +976,44 @@ def restore(
 
     def scale_others() -> Callable[[], None]:
         replicas = {s.name: s.replicas for s in _services(manager) if s.name != db_name and s.replicas}
-        if replicas:
-            manager.say(f"stopping the services that use the database: {', '.join(sorted(replicas))}")
-            manager.runner.run(sc.scale_argv(dict.fromkeys(replicas, 0)), echo=False, what="docker service scale")
 
         def back() -> None:
-            if replicas:
-                manager.runner.run(
-                    sc.scale_argv({k: int(v) for k, v in replicas.items() if v}), echo=False, what="scaling back"
-                )
-                manager.say(f"started again: {', '.join(sorted(replicas))}")
+            if not replicas:
+                return
+            started = time.time()
+            manager.runner.run(
+                sc.scale_argv({k: int(v) for k, v in replicas.items() if v}), echo=False, what="scaling back"
+            )
+            # Back means serving again: their tasks running and healthy, as before.
+            deadline = time.monotonic() + CONVERGE_TIMEOUT
+            while True:
+                states = {s.name: _service_state(s, started) for s in _services(manager) if s.name in replicas}
+                if all(v == "ok" for v in states.values()):
+                    manager.say(f"started again: {', '.join(sorted(replicas))}")
+                    return
+                if time.monotonic() > deadline or "failed" in states.values():
+                    bad = ", ".join(f"{k} ({v})" for k, v in sorted(states.items()) if v != "ok")
+                    manager.say(f"could not start again: {bad}")
+                    return
+                time.sleep(POLL)
 
+        if not replicas:
+            return back
+        manager.say(f"stopping the services that use the database: {', '.join(sorted(replicas))}")
+        try:
+            manager.runner.run(sc.scale_argv(dict.fromkeys(replicas, 0)), echo=False, what="docker service scale")
+            # Stopped means their containers are gone (and their database sessions with them):
+            # a task told to shut down still runs until its container has exited.
+            deadline = time.monotonic() + 120
+            while any(
+                t.state in ("running", "starting") for s in _services(manager) if s.name in replicas for t in s.tasks
+            ):
+                if time.monotonic() > deadline:
+                    raise RemoteError(f"{', '.join(sorted(replicas))} did not stop within 120 s; nothing was restored")
+                time.sleep(POLL)
+        except BaseException:
+            back()
+            raise
         return back
 
     return ops.restore(hosts, file, yes, allow_other_env, stdin, out, err, db=db, around=scale_others)
@@ -1049,6 +1083,7 @@ def rollback(
     )
     _converge(manager, plan, started, listing.current)
     manager.mark_up(release.id, f"rollback {release.id}", whole_stack=False)
+    _release_everywhere(hosts, release.id)
     manager.say(f"{env.compose_project}: release {release.id} converged and healthy; current is {release.id}")
     release_ops._warn_about_migrations(manager, release, listing)
     return ExitStatus.OK

@@ -200,7 +200,7 @@ def test_status_json_logs_and_build(swarm):
     logs = swarm.deploy("logs", "--tail", "5")
     assert logs.code == 0, logs.text
     web_logs = swarm.deploy("logs", "web", "--tail", "3")
-    assert web_logs.code == 0 and "_web." in web_logs.out and "_db." not in web_logs.out, web_logs.text
+    assert web_logs.code == 0 and "_web." in web_logs.text and "_db." not in web_logs.text, web_logs.text
     for args in (["build"], ["build", "web"]):
         b = swarm.deploy(*args)
         assert b.code == 0, b.text
@@ -215,13 +215,13 @@ def test_logs_follow_stops_on_ctrl_c(swarm):
 
 
 def test_test_and_migrate_run_on_the_stacks_network(swarm):
+    m = swarm.deploy("migrate")
+    assert m.code == 0, m.text
+    assert swarm.sql("SELECT count(*) FROM schema_migrations").strip() not in ("", "0")
     t = swarm.deploy("test")
     assert t.code == 0, t.text
     tw = swarm.deploy("test", "web")
     assert tw.code == 0, tw.text
-    m = swarm.deploy("migrate")
-    assert m.code == 0, m.text
-    assert swarm.sql("SELECT count(*) FROM schema_migrations").strip() not in ("", "0")
 
 
 def test_backup_and_restore_on_the_db_node(swarm, tmp_path):
@@ -258,7 +258,7 @@ def test_a_release_change_of_web_costs_no_request(swarm):
     assert r.code == 0, r.text
     assert client.ok > 20
     assert not client.failed, client.failed[:5]
-    assert "shop-web/swarm-2" in {get(swarm.url("swarm-2")), get(swarm.url("swarm-3"))}
+    assert {get(swarm.url(n)).split()[0] for n in ("swarm-2", "swarm-3")} == {"shop-web/swarm-2"}
 
 
 def test_a_node_whose_engine_is_down_fails_the_up_by_name_and_the_old_release_serves(swarm):
@@ -281,17 +281,14 @@ def test_a_node_whose_engine_is_down_fails_the_up_by_name_and_the_old_release_se
 
 
 def test_up_foreground_follows_logs_until_ctrl_c(swarm):
+    before = json.loads(swarm.deploy("status", "--json").out)["current"]
+    version(swarm.app_root / "deployment" / "compose", "foreground")
     proc = start_deploy(swarm.hosts, "dev", "up")
     deadline = time.monotonic() + 300
-    out = ""
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(2)
-        status = json.loads(swarm.deploy("status", "--json").out)
-        if proc.poll() is not None:
-            break
-        rel = status["current"]
-        if rel and all(s["replicas"] and s["replicas"]["running"] for s in status["services"]):
-            time.sleep(3)
+        if json.loads(swarm.deploy("status", "--json").out)["current"] != before:
+            time.sleep(3)  # following the logs by now
             break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
