@@ -41,38 +41,48 @@ def _no_init(hosts: list[HostSession], out=None) -> ExitStatus:
     )
 
 
+def _late(module, name: str) -> Callable[..., ExitStatus]:
+    """module.name looked up at call time (tests and embedders may replace it)."""
+
+    def call(*args, **kwargs) -> ExitStatus:
+        return getattr(module, name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
 COMPOSE = Engine(
     "compose",
-    up=ops.up,
-    down=ops.down,
-    build=ops.build,
-    logs=ops.logs,
-    status=ops.status,
-    check=ops.check,
-    migrate=ops.migrate,
-    run_tests=ops.run_tests,
-    backup=ops.backup,
-    restore=ops.restore,
-    releases=release_ops.releases,
-    rollback=release_ops.rollback,
+    up=_late(ops, "up"),
+    down=_late(ops, "down"),
+    build=_late(ops, "build"),
+    logs=_late(ops, "logs"),
+    status=_late(ops, "status"),
+    check=_late(ops, "check"),
+    migrate=_late(ops, "migrate"),
+    run_tests=_late(ops, "run_tests"),
+    backup=_late(ops, "backup"),
+    restore=_late(ops, "restore"),
+    releases=_late(release_ops, "releases"),
+    rollback=_late(release_ops, "rollback"),
     init=_no_init,
 )
 
 SWARM = Engine(
     "swarm",
-    up=swarm_ops.up,
-    down=swarm_ops.down,
-    build=swarm_ops.build,
-    logs=swarm_ops.logs,
-    status=swarm_ops.status,
-    check=swarm_ops.check,
-    migrate=swarm_ops.migrate,
-    run_tests=swarm_ops.run_tests,
-    backup=swarm_ops.backup,
-    restore=swarm_ops.restore,
-    releases=swarm_ops.releases,
-    rollback=swarm_ops.rollback,
-    init=swarm_ops.init,
+    up=_late(swarm_ops, "up"),
+    down=_late(swarm_ops, "down"),
+    build=_late(swarm_ops, "build"),
+    logs=_late(swarm_ops, "logs"),
+    status=_late(swarm_ops, "status"),
+    check=_late(swarm_ops, "check"),
+    migrate=_late(swarm_ops, "migrate"),
+    run_tests=_late(swarm_ops, "run_tests"),
+    backup=_late(swarm_ops, "backup"),
+    restore=_late(swarm_ops, "restore"),
+    releases=_late(swarm_ops, "releases"),
+    rollback=_late(swarm_ops, "rollback"),
+    init=_late(swarm_ops, "init"),
 )
 
 

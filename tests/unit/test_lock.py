@@ -212,7 +212,7 @@ def test_lock_wait_waits_then_gives_up_with_75(env, tmp_path, monkeypatch):
 def test_the_table_says_which_commands_lock_and_write_history():
     locking = {n for n, c in cli.COMMANDS.items() if c.takes_lock}
     recording = {n for n, c in cli.COMMANDS.items() if c.writes_history}
-    assert locking == {"up", "down", "build", "migrate", "restore", "rollback"}
+    assert locking == {"up", "down", "build", "migrate", "restore", "rollback", "init"}
     assert recording == locking | {"backup", "unlock"}
     for name, cmd in cli.COMMANDS.items():
         has_wait = "--lock-wait" in cli.command_parser(cmd).format_help()
