@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import secrets
 import tarfile
 import time
@@ -262,9 +263,61 @@ def check(hosts: list[HostSession], out: IO[str] | None = None) -> ExitStatus:
     return ExitStatus.OK
 
 
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _interpolate(value: Any, variables: dict[str, str]) -> Any:
+    """Compose's variable syntax, enough to read the file as compose would for `check` and
+    `--dry-run` (the real render uses `docker compose config` on the builder)."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, variables) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(4)
+        op, arg = m.group(2) or "", m.group(3) or ""
+        have = variables.get(name)
+        unset = have is None or (op.startswith(":") and have == "")
+        if op.endswith("-"):
+            return arg if unset else str(have)
+        if op.endswith("+"):
+            return "" if unset else arg
+        return "" if have is None else str(have)
+
+    return _VAR.sub(sub, value)
+
+
+def _long_ports(compose_spec: dict) -> dict:
+    """Short port syntax ("[ip:]published:target[/proto]") in compose config's long form."""
+    for spec in compose_spec.get("services", {}).values():
+        ports = []
+        for p in spec.get("ports") or ():
+            if isinstance(p, str):
+                text, _, proto = p.partition("/")
+                parts = text.rsplit(":", 2)
+                entry: dict[str, Any] = {"target": int(parts[-1]), "protocol": proto or "tcp", "mode": "ingress"}
+                if len(parts) > 1:
+                    entry["published"] = parts[-2]
+                if len(parts) > 2:
+                    entry["host_ip"] = parts[0]
+                ports.append(entry)
+            else:
+                ports.append(p)
+        if ports:
+            spec["ports"] = ports
+    return compose_spec
+
+
 def _render_notices(env: Environment, compose_spec: dict) -> list[str]:
-    """What the stack render would report, from the compose file alone (no interpolation)."""
+    """What the stack render would report, from the compose file as written, interpolated
+    with the environment's variables (the render at `up` reads compose's own config)."""
     try:
+        compose_spec = _long_ports(_interpolate(compose_spec, env.resolved_variables()))
         built = {
             s: f"{env.compose_project}-{s}:RELEASE" for s, spec in compose_spec["services"].items() if "build" in spec
         }
@@ -375,6 +428,8 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
         builder = _session(hosts, builder_host)
         builder.sync(release)
         builder.say(f"build the release's images on {builder.name} unless built; ship them to the nodes")
+        for line in _render_notices(env, compose_spec):
+            builder.say(f"note: {line}")
         builder.runner.run(sc.deploy_argv(env.compose_project, f"releases/{release.id}/{STACK_DIR}/{STACK_FILE}"))
         return ExitStatus.OK
     infos = _survey(hosts)

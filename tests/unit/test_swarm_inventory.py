@@ -165,3 +165,28 @@ def test_parse_services_and_tasks():
 def test_logs_argv_takes_services_as_parameters():
     argv = sc.logs_argv(["s_web", "s_db"], follow=True, tail=5)
     assert argv[:2] == ["sh", "-c"] and argv[4:] == ["5", "-f", "s_web", "s_db"]
+
+
+def test_check_and_dry_run_read_the_compose_file_as_compose_would():
+    from deployment import swarm_ops
+
+    v = {"A": "1", "EMPTY": ""}
+    cases = {
+        "${A}": "1",
+        "$A-x": "1-x",
+        "${B:-d}": "d",
+        "${EMPTY:-d}": "d",
+        "${EMPTY-d}": "",
+        "${A:+set}": "set",
+        "${B:+set}": "",
+        "$$A": "$A",
+        "${B:?need B}": "",
+    }
+    for text, want in cases.items():
+        assert swarm_ops._interpolate(text, v) == want, text
+    spec = swarm_ops._long_ports({"services": {"p": {"ports": ["127.0.0.1:8080:80", "81", "9000:90/udp"]}}})
+    assert spec["services"]["p"]["ports"] == [
+        {"target": 80, "protocol": "tcp", "mode": "ingress", "published": "8080", "host_ip": "127.0.0.1"},
+        {"target": 81, "protocol": "tcp", "mode": "ingress"},
+        {"target": 90, "protocol": "udp", "mode": "ingress", "published": "9000"},
+    ]
