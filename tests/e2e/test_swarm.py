@@ -297,6 +297,22 @@ def test_up_foreground_follows_logs_until_ctrl_c(swarm):
     assert get(swarm.url()).startswith("shop-web")
 
 
+def test_up_build_rebuilds_and_plain_down_keeps_the_volumes(swarm):
+    r = swarm.deploy("up", "-d", "--build")
+    assert r.code == 0, r.text
+    assert "converged and healthy" in r.out
+    d = swarm.deploy("down")
+    assert d.code == 0 and "removed from the swarm" in d.out, d.text
+    assert node_docker(
+        swarm.world, "swarm-1", "volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={swarm.stack}"
+    ).strip(), "down without --volumes keeps the data"
+    again = swarm.deploy("down")
+    assert again.code == 0 and "nothing was running" in again.out, again.text
+    up = swarm.deploy("up", "-d")
+    assert up.code == 0, up.text
+    assert swarm.sql("SELECT v FROM marker").strip() == "before", "the data outlived down"
+
+
 def test_down_volumes_removes_everything_on_every_node(swarm):
     r = swarm.deploy("down", "--volumes")
     assert r.code == 0, r.text
