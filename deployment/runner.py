@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
+import queue
 import shlex
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO
 
@@ -412,6 +415,149 @@ class HostRunner:
                 f"{self.name}: {what or argv[0]} failed (exit {status})" + (f": {detail}" if detail else "")
             )
 
+    def stream_in(self, argv: list[str], source, *, what: str | None = None) -> Result:
+        """Run argv with its stdin fed from source (an iterable of bytes chunks, or a reader
+        with read()) until the source ends, then EOF; stdout and stderr are captured.
+
+        The channel has stream_out's large window and packets. command_timeout bounds each
+        wait: for the host to take more input, and for the command to end after EOF. If
+        the source raises or an interrupt arrives, the channel is closed at once (the
+        command sees its input end early) and the exception goes on. A command that
+        ends before its input does (docker load refusing it) is judged by its exit status."""
+        chunks = iter(lambda: source.read(STREAM_CHUNK), b"") if hasattr(source, "read") else iter(source)
+        return self._stream_in(argv, chunks, what or argv[0])
+
+    def _stream_in(self, argv: list[str], chunks: Iterator[bytes], what: str, opened=None) -> Result:
+        """stream_in; opened(channel) is told the channel as soon as it exists, so that another
+        thread can close it (pipe_to's abort while this one waits for window space)."""
+        command = self._command(argv)
+        with self._channel_errors(what):
+            chan = self.conn.transport.open_session(window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET)
+        if opened is not None:
+            opened(chan)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        drains = [
+            threading.Thread(target=_drain_quietly, args=(recv, sink), daemon=True)
+            for recv, sink in ((chan.recv, out), (chan.recv_stderr, err))
+        ]
+        try:
+            with self._channel_errors(what):
+                chan.settimeout(self.command_timeout)
+                chan.exec_command(command)
+            for drain in drains:
+                drain.start()
+            for chunk in chunks:
+                with self._channel_errors(what):
+                    if not _send(chan, chunk):
+                        break
+            with self._channel_errors(what):
+                chan.shutdown_write()
+                if not chan.status_event.wait(self.command_timeout):
+                    raise TimeoutError
+                status = chan.recv_exit_status()
+        except BaseException:
+            chan.close()
+            raise
+        for drain in drains:
+            drain.join(self.command_timeout)
+        chan.close()
+        result = Result(status, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace"))
+        if status != 0:
+            raise _exit_failure(f"{self.name}: {what}", status, result.stderr, result.stdout)
+        return result
+
+    @contextlib.contextmanager
+    def _channel_errors(self, what: str):
+        """A channel's exceptions as the tool reports them: a timeout is the command
+        timeout's (or the connection's), anything else a lost connection."""
+        try:
+            yield
+        except TimeoutError:
+            raise self._timed_out(what, self.command_timeout) from None
+        except (OSError, EOFError, SSHException) as exc:
+            raise ConnectError(f"{self.name}: connection lost during {what}: {exc or type(exc).__name__}") from None
+
+    def pipe_to(
+        self,
+        argv: list[str],
+        targets: Mapping[str, tuple[HostRunner, list[str]]],
+        *,
+        what: str | None = None,
+        target_what: str | None = None,
+    ) -> dict[str, Delivery]:
+        """Run argv here and feed its stdout to every target's command at once: one pass of
+        the source fanned out to several hosts (`docker save` into N `docker load`s).
+
+        targets: name -> (runner, argv). Each target is fed by a thread of its own from a
+        bounded queue, so the slowest target paces the source and memory stays flat. A
+        target whose command fails or whose connection drops is dropped and the others go
+        on; its Delivery holds the error. Returns each target's Delivery.
+
+        If the source command fails, or an interrupt arrives, every target's channel is
+        closed before its input ended (its command sees a truncated input) and the error
+        or interrupt goes on: the source must be such that a truncated copy is refused
+        whole (image_ship's archives are)."""
+        what = what or argv[0]
+        feeds = {name: _Feed() for name in targets}
+        deliveries = {name: Delivery() for name in targets}
+        senders = [
+            threading.Thread(
+                target=_deliver,
+                args=(runner, target_argv, feeds[name], deliveries[name], target_what or target_argv[0]),
+                daemon=True,
+            )
+            for name, (runner, target_argv) in targets.items()
+        ]
+        chan = None
+        try:
+            command = self._command(argv)
+            with self._channel_errors(what):
+                chan = self.conn.transport.open_session(window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET)
+                chan.in_buffer = ChunkBuffer()  # before exec: no data can have arrived yet
+                chan.settimeout(self.command_timeout)
+                chan.exec_command(command)
+            err: list[bytes] = []
+            threading.Thread(target=_drain_quietly, args=(chan.recv_stderr, err), daemon=True).start()
+            for sender in senders:
+                sender.start()
+            if not self._pump(chan, feeds, what):
+                chan.close()  # every target is gone: stop the source, nothing reads it
+                return deliveries
+            with self._channel_errors(what):
+                if not chan.status_event.wait(self.command_timeout):
+                    raise TimeoutError
+                status = chan.recv_exit_status()
+            if status != 0:
+                raise _exit_failure(f"{self.name}: {what}", status, b"".join(err).decode(errors="replace"))
+            chan.close()
+            for feed in feeds.values():
+                feed.end()
+            for sender in senders:
+                sender.join()
+        except BaseException:
+            for feed in feeds.values():
+                feed.abort()
+            if chan is not None:
+                chan.close()
+            for sender in senders:
+                if sender.is_alive():
+                    sender.join(STOP_WAIT)
+            raise
+        return deliveries
+
+    def _pump(self, chan, feeds: Mapping[str, _Feed], what: str) -> bool:
+        """Hand the source's stdout to every live feed until it ends; False if every
+        target went away first."""
+        while True:
+            with self._channel_errors(what):
+                data = chan.recv(STREAM_CHUNK)
+            if not data:
+                return True
+            live = [feed.put(data) for feed in feeds.values()]
+            if not any(live):
+                return False
+
     def put_file(self, local_path: str, remote_path: str, progress=None, mode: int = 0o600) -> None:
         """Upload a local file over SFTP to a path, calling progress(bytes_done)."""
         with open(local_path, "rb") as src:
@@ -458,6 +604,125 @@ class HostRunner:
         finally:
             if sftp is not None:
                 sftp.close()
+
+
+# --- feeding one source to several hosts (pipe_to) ----------------------------------------
+
+
+@dataclass
+class Delivery:
+    """What became of one target of HostRunner.pipe_to: its command's result, or the error
+    that ended it; the bytes handed to its channel; seconds from start until it ended."""
+
+    result: Result | None = None
+    error: DeployError | None = None
+    sent: int = 0
+    seconds: float = 0.0
+
+
+# Chunks queued per target: with the source's packets (up to 255 KiB) about 16 MiB, the
+# size of a channel's window; beyond that a slow target holds the source back.
+FEED_DEPTH = 64
+_END = object()
+_ABORT = object()
+
+
+class _Aborted(Exception):
+    """The source failed or was interrupted: the target's input must end unfinished."""
+
+
+class _Feed:
+    """The chunks bound for one target, in a bounded queue its sending thread drains."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue(maxsize=FEED_DEPTH)
+        self.gone = threading.Event()  # the target ended (or was aborted): feed it no more
+        self.aborted = False
+        self.channel = None
+        self.lock = threading.Lock()
+
+    def put(self, chunk: object) -> bool:
+        """Queue a chunk, waiting for room while the target lives; False once it is gone."""
+        while not self.gone.is_set():
+            try:
+                self.queue.put(chunk, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def end(self) -> None:
+        self.put(_END)
+
+    def abort(self) -> None:
+        """End the target's input unfinished: its thread stops at the next chunk, and its
+        channel is closed now in case the thread waits on the host's window."""
+        self.aborted = True
+        self.gone.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.queue.put_nowait(_ABORT)
+        with self.lock:
+            if self.channel is not None:
+                self.channel.close()
+
+    def opened(self, channel) -> None:
+        with self.lock:
+            self.channel = channel
+            if self.gone.is_set():
+                channel.close()
+
+    def chunks(self, delivery: Delivery) -> Iterator[bytes]:
+        while True:
+            chunk = self.queue.get()
+            if chunk is _ABORT:
+                raise _Aborted()
+            if chunk is _END:
+                return
+            delivery.sent += len(chunk)
+            yield chunk
+
+
+def _deliver(runner: HostRunner, argv: list[str], feed: _Feed, delivery: Delivery, what: str) -> None:
+    """One target's thread of pipe_to: run its command fed from its queue, note the outcome."""
+    start = time.monotonic()
+    try:
+        delivery.result = runner._stream_in(argv, feed.chunks(delivery), what, opened=feed.opened)
+    except (_Aborted, DeployError) as exc:
+        # Once aborted, closing the channel under the thread may fail it in any way.
+        aborted = RemoteError(f"{runner.name}: {what} stopped: its input ended unfinished")
+        delivery.error = aborted if feed.aborted or isinstance(exc, _Aborted) else exc
+    except Exception as exc:  # a thread's error must reach the caller, not vanish
+        delivery.error = RemoteError(f"{runner.name}: {what} failed: {type(exc).__name__}: {exc}")
+    finally:
+        feed.gone.set()
+        delivery.seconds = time.monotonic() - start
+
+
+def _exit_failure(step: str, status: int, *outputs: str) -> RemoteError:
+    """A failed command's error, with the last line it wrote (stderr first)."""
+    detail = next((line for line in map(last_line, outputs) if line), "connection closed" if status == -1 else "")
+    return RemoteError(f"{step} failed (exit {status})" + (f": {detail}" if detail else ""))
+
+
+def _send(chan, chunk: bytes) -> bool:
+    """Send a chunk of a command's input; False if the command has ended (it reads no more:
+    its exit status says why)."""
+    if chan.exit_status_ready():
+        return False
+    try:
+        chan.sendall(chunk)
+    except TimeoutError:
+        raise
+    except OSError:
+        # The channel is closed: because the command ended (the connection lives on), or
+        # because the connection dropped.
+        transport = chan.get_transport()
+        if chan.status_event.wait(1.0) and transport is not None and transport.is_active():
+            return False
+        raise
+    return True
 
 
 def _create(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFile:
