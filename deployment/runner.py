@@ -42,6 +42,14 @@ INTERRUPTED = threading.Event()
 # deploy.update_config itself (rolling.py), so the operator is not shown that it "only
 # applies in Swarm mode". (The captured output keeps them.)
 COMPOSE_NOISE = ("deploy.update_config only applies to rolling updates in Swarm mode",)
+# What compose says of Swarm-only keys when it builds or renders a file that the swarm
+# engine then deploys on Swarm, where they do apply.
+SWARM_ONLY_NOISE = (
+    "only applies to Swarm's routing mesh",
+    "is only honored in Swarm mode",
+    "is only honored by the Swarm routing mesh",
+    "only applies to rolling updates in Swarm mode",
+)
 
 # How long an interrupted client waits for the host to stop a step and report.
 STOP_WAIT = 120.0
@@ -233,6 +241,8 @@ class HostRunner:
         self.prefix = prefix
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
+        # Lines of compose's stderr not shown (see COMPOSE_NOISE).
+        self.noise: tuple[str, ...] = COMPOSE_NOISE
 
     def run(
         self,
@@ -277,7 +287,7 @@ class HostRunner:
     def _stream(self, command: str, echo: bool, pty: bool, timeout: float | None, what: str) -> Result:
         """Run through Fabric/invoke, streaming output line by line (and a pty when asked)."""
         out = LineWriter(self.stdout, self.prefix) if echo else None
-        err = LineWriter(self.stderr, self.prefix, drop=COMPOSE_NOISE) if echo else None
+        err = LineWriter(self.stderr, self.prefix, drop=self.noise) if echo else None
         try:
             res = self.conn.run(
                 command, warn=True, hide=True, pty=pty, in_stream=False, out_stream=out, err_stream=err, timeout=timeout

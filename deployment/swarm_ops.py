@@ -31,7 +31,7 @@ from . import release_host as rh
 from . import swarm_commands as sc
 from .errors import DeployError, ExitStatus, RemoteError, UsageError
 from .inventory import Environment, Host
-from .runner import HostRunner, last_line
+from .runner import COMPOSE_NOISE, SWARM_ONLY_NOISE, HostRunner, last_line
 from .session import QUIET, HostSession, fan_out
 from .ui import confirm
 
@@ -84,7 +84,8 @@ def _nodes(manager: HostSession) -> list[sc.Node]:
 
 def _by_host(hosts: list[HostSession], nodes: list[sc.Node]) -> dict[str, sc.Node]:
     """Inventory host -> its swarm node, by the deploy.host label `init` sets."""
-    labelled = {n.host_label: n for n in nodes if n.host_label}
+    # A host that left and joined again has a second, stale node entry: the ready one wins.
+    labelled = {n.host_label: n for n in sorted(nodes, key=lambda n: n.state == "ready") if n.host_label}
     return {hs.name: labelled[hs.host.name] for hs in hosts if hs.host.name in labelled}
 
 
@@ -173,6 +174,16 @@ def init(hosts: list[HostSession], out: IO[str] | None = None) -> ExitStatus:
         changes.append(f"{hs.name}: joined the swarm as a {role} (advertising {addr})")
         infos[hs.name] = sc.parse_info(hs.runner.run(sc.info_argv(), echo=False, what="docker info").stdout)
     nodes = {n.id: n for n in _nodes(leader)}
+    # The entry a host left behind when it left the swarm and joined again as a new node:
+    # labelled as that host, while the host itself (surveyed just now) is another node.
+    now = {hs.host.name: infos[hs.name].node_id for hs in hosts if infos[hs.name].node_id in nodes}
+    for stale in [n for n in nodes.values() if n.host_label in now and n.id != now[n.host_label]]:
+        leader.runner.run(["docker", "node", "rm", "--force", "--", stale.id], echo=False, what="docker node rm")
+        changes.append(
+            f"{stale.host_label}: removed the stale node {stale.id[:12]} ({stale.state}; the host is in the "
+            f"swarm as node {now[stale.host_label][:12]})"
+        )
+        del nodes[stale.id]
     for hs in hosts:
         node = nodes.get(infos[hs.name].node_id)
         if node is None:
@@ -377,6 +388,19 @@ class Plan:
     config: dict  # compose's rendered config (for one-offs)
 
 
+def _builder(hosts: list[HostSession]) -> HostSession:
+    """The builder's session; compose's warnings about Swarm-only keys are not shown there
+    (the file is deployed on Swarm, where they apply)."""
+    host = hosts[0].env.builder()
+    assert host is not None  # the inventory requires a manager
+    hs = _session(hosts, host)
+    if not hs.dry_run:
+        runner = hs.runner
+        if isinstance(runner, HostRunner):
+            runner.noise = COMPOSE_NOISE + SWARM_ONLY_NOISE
+    return hs
+
+
 def _session(hosts: list[HostSession], host: Host) -> HostSession:
     for hs in hosts:
         if hs.host == host:
@@ -422,10 +446,8 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
     constraints = _constraints(env, compose_spec)
     release = rel.build(env)
     command = "up" + (" -d" if detach else "") + (" --build" if build else "") + "".join(f" {s}" for s in services)
-    builder_host = env.builder()
-    assert builder_host is not None  # the inventory requires a manager
     if hosts[0].dry_run:
-        builder = _session(hosts, builder_host)
+        builder = _builder(hosts)
         builder.sync(release)
         builder.say(f"build the release's images on {builder.name} unless built; ship them to the nodes")
         for line in _render_notices(env, compose_spec):
@@ -434,7 +456,7 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
         return ExitStatus.OK
     infos = _survey(hosts)
     manager = _manager(hosts, infos)
-    builder = _session(hosts, builder_host)
+    builder = _builder(hosts)
     # 1. The release on the builder, its images built once.
     deployed = builder.sync(release)
     if release.images and (build or not deployed.built):
@@ -709,9 +731,7 @@ def build(hosts: list[HostSession], services: Sequence[str] = ()) -> ExitStatus:
     env = hosts[0].env
     services = ops.validate_services(env, list(services))
     release = rel.build(env)
-    builder_host = env.builder()
-    assert builder_host is not None
-    builder = _session(hosts, builder_host)
+    builder = _builder(hosts)
     deployed = builder.sync(release)
     builder.runner.run(builder.compose(deployed).build(services), what="compose build")
     if not builder.dry_run:
@@ -855,9 +875,7 @@ def _one_off(hosts: list[HostSession], argv: list[str], kind: str, what: str, ou
     release = rel.build(env)
     infos = _survey(hosts)
     manager = _manager(hosts, infos)
-    builder_host = env.builder()
-    assert builder_host is not None
-    builder = _session(hosts, builder_host)
+    builder = _builder(hosts)
     deployed = builder.sync(release)
     if release.images and not deployed.built:
         builder.say(f"release {release.id}: images not built yet: building them on {builder.name}")
@@ -1109,9 +1127,7 @@ def rollback(
     release, listing = release_ops._plan(manager, target)
     if env.protected:
         confirm(env.name, f"roll {env.name} back to release {release.id}", yes=yes, stdin=stdin, out=err or manager.err)
-    builder_host = env.builder()
-    assert builder_host is not None
-    builder = _session(hosts, builder_host)
+    builder = _builder(hosts)
     base = f"{_abs_env_dir(manager)}/releases/{release.id}"
     text = manager.runner.run(["cat", "--", f"{base}/{STACK_DIR}/{STACK_FILE}"], echo=False, check=False)
     if not text.ok:

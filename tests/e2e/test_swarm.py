@@ -261,6 +261,43 @@ def test_a_release_change_of_web_costs_no_request(swarm):
     assert {get(swarm.url(n)).split()[0] for n in ("swarm-2", "swarm-3")} == {"shop-web/swarm-2"}
 
 
+def test_releases_and_rollback_on_the_swarm(swarm):
+    listing = swarm.deploy("releases", "--json")
+    assert listing.code == 0, listing.text
+    [host] = json.loads(listing.out)["hosts"]
+    assert host["host"] == "swarm-1" and len(host["releases"]) >= 2
+    current = host["current"]
+    r = swarm.deploy("rollback")
+    assert r.code == 0, r.text
+    after = json.loads(swarm.deploy("status", "--json").out)
+    assert after["current"] != current
+    web = next(s for s in after["services"] if s["service"] == "web")
+    assert web["image"].endswith(after["current"]) and web["replicas"]["running"] == 2
+    assert get(swarm.url()).split()[0] != "shop-web/swarm-2"
+    back = swarm.deploy("rollback", current[:8])
+    assert back.code == 0, back.text
+    assert get(swarm.url()).split()[0] == "shop-web/swarm-2"
+
+
+def test_a_release_whose_web_never_starts_is_rolled_back_by_swarm(swarm):
+    before = json.loads(swarm.deploy("status", "--json").out)["current"]
+    web = swarm.app_root / "app" / "web.py"
+    good = web.read_text()
+    web.write_text("raise SystemExit('broken on purpose')\n" + good)
+    try:
+        client = Client(0)
+        client.url = swarm.url("swarm-3")
+        with client:
+            r = swarm.deploy("up", "-d")
+    finally:
+        web.write_text(good)
+    assert r.code == 1, r.text
+    assert "rolled the update back" in r.error and before in r.error, r.text
+    assert "broken on purpose" in r.text
+    assert not client.failed, client.failed[:5]
+    assert json.loads(swarm.deploy("status", "--json").out)["current"] == before
+
+
 def test_a_node_whose_engine_is_down_fails_the_up_by_name_and_the_old_release_serves(swarm):
     before = json.loads(swarm.deploy("status", "--json").out)["current"]
     version(swarm.app_root / "deployment" / "compose", "swarm-3")
@@ -323,3 +360,21 @@ def test_down_volumes_removes_everything_on_every_node(swarm):
         assert not node_docker(
             swarm.world, node, "volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={swarm.stack}"
         ).strip()
+
+
+def test_init_refuses_a_host_of_another_swarm_then_takes_it_back_once_it_left(swarm):
+    world = swarm.world
+    node_id = node_docker(world, "swarm-3", "info", "--format", "{{.Swarm.NodeID}}").strip()
+    node_docker(world, "swarm-3", "swarm", "leave", "--force")
+    node_docker(world, "swarm-3", "swarm", "init", "--advertise-addr", world["swarm"]["nodes"]["swarm-3"])
+    try:
+        r = swarm.deploy("init")
+        assert r.code == 1, r.text
+        assert "swarm-3" in r.error and "another swarm" in r.error, r.text
+    finally:
+        node_docker(world, "swarm-3", "swarm", "leave", "--force")
+    again = swarm.deploy("init")
+    assert again.code == 0, again.text
+    assert "swarm-3: joined the swarm" in again.out and f"removed the stale node {node_id[:12]}" in again.out
+    nodes = node_docker(world, "swarm-1", "node", "ls", "--format", "{{.Hostname}} {{.Status}}").split("\n")
+    assert sorted(n for n in nodes if n) == ["swarm-1 Ready", "swarm-2 Ready", "swarm-3 Ready"]
