@@ -369,3 +369,17 @@ def logs_argv(services: list[str], follow: bool, tail: int | None) -> list[str]:
 
 def service_logs_argv(service: str, tail: int) -> list[str]:
     return ["docker", "service", "logs", "--no-trunc", "--tail", str(int(tail)), "--", service]
+
+
+# Swarm configs are immutable, so each content is a config of its own; once a deploy has
+# converged, the stack's configs that its stack file does not name are removed ($1: the
+# stack, then the names to keep). One in use is refused by the engine and stays.
+PRUNE_CONFIGS_SCRIPT = (
+    'stack=$1; shift; docker config ls --filter "label=com.docker.stack.namespace=$stack" '
+    "--format '{{.Name}}' | while read -r c; do keep=; for k; do [ \"$c\" = \"$k\" ] && keep=1; done; "
+    'if [ -z "$keep" ] && docker config rm "$c" >/dev/null 2>&1; then echo "$c"; fi; done; true'
+)
+
+
+def prune_configs_argv(stack: str, keep: list[str]) -> list[str]:
+    return ["sh", "-c", PRUNE_CONFIGS_SCRIPT, "deploy-swarm-configs", stack, *keep]

@@ -507,7 +507,21 @@ def _deploy(hosts: list[HostSession], plan: Plan, release: rel.Release | None, c
     _converge(manager, plan, started, before)
     manager.mark_up(plan.release_id, command, whole_stack=False)
     _release_everywhere(hosts, plan.release_id)
+    _prune_configs(manager, plan.stack)
     return before
+
+
+def _prune_configs(manager: HostSession, stack: swarm_stack.Stack) -> None:
+    try:
+        doc = json.loads(stack.text)
+    except ValueError:
+        return
+    keep = [str(c.get("name")) for c in (doc.get("configs") or {}).values() if isinstance(c, dict) and c.get("name")]
+    res = manager.runner.run(
+        sc.prune_configs_argv(manager.env.compose_project, keep), echo=False, check=False, what="pruning configs"
+    )
+    if res.stdout.split():
+        manager.say(f"removed configs no release of the stack uses now: {', '.join(res.stdout.split())}")
 
 
 def _release_everywhere(hosts: list[HostSession], release_id: str) -> None:

@@ -110,7 +110,7 @@ def cleanup(world: dict, stack: str) -> None:
             node_docker(world, n, "rmi", *imgs, check=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def swarm(world, tmp_path_factory):
     if "swarm" not in world:
         pytest.fail("the test world has no swarm nodes (make testbed builds them)")
@@ -159,7 +159,7 @@ def get(url: str) -> str:
         return resp.headers.get("Server", "")
 
 
-def test_init_forms_the_swarm_and_a_second_run_changes_nothing(swarm):
+def init_forms_the_swarm_and_a_second_run_changes_nothing(swarm):
     first = swarm.deploy("init")
     assert first.code == 0, first.text
     again = swarm.deploy("init")
@@ -172,7 +172,7 @@ def test_init_forms_the_swarm_and_a_second_run_changes_nothing(swarm):
     assert "deploy.role.db=true" in check.out and "deploy.host=swarm-2" in check.out
 
 
-def test_up_d_builds_once_ships_to_the_app_nodes_and_places_by_role(swarm):
+def up_d_builds_once_ships_to_the_app_nodes_and_places_by_role(swarm):
     r = swarm.deploy("up", "-d")
     assert r.code == 0, r.text
     assert "converged and healthy" in r.out
@@ -188,7 +188,7 @@ def test_up_d_builds_once_ships_to_the_app_nodes_and_places_by_role(swarm):
     assert again.code == 0, again.text
 
 
-def test_status_json_logs_and_build(swarm):
+def status_json_logs_and_build(swarm):
     r = swarm.deploy("status", "--json")
     assert r.code == 0, r.text
     doc = json.loads(r.out)
@@ -206,7 +206,7 @@ def test_status_json_logs_and_build(swarm):
         assert b.code == 0, b.text
 
 
-def test_logs_follow_stops_on_ctrl_c(swarm):
+def logs_follow_stops_on_ctrl_c(swarm):
     proc = start_deploy(swarm.hosts, "dev", "logs", "-f", "web")
     time.sleep(4)
     proc.send_signal(signal.SIGINT)
@@ -214,7 +214,7 @@ def test_logs_follow_stops_on_ctrl_c(swarm):
     assert proc.returncode == 130, out + err
 
 
-def test_test_and_migrate_run_on_the_stacks_network(swarm):
+def migrate_then_test_on_the_stacks_network(swarm):
     m = swarm.deploy("migrate")
     assert m.code == 0, m.text
     assert swarm.sql("SELECT count(*) FROM schema_migrations").strip() not in ("", "0")
@@ -224,7 +224,7 @@ def test_test_and_migrate_run_on_the_stacks_network(swarm):
     assert tw.code == 0, tw.text
 
 
-def test_backup_and_restore_on_the_db_node(swarm, tmp_path):
+def backup_and_restore_on_the_db_node(swarm, tmp_path):
     swarm.sql("CREATE TABLE IF NOT EXISTS marker (v text)")
     swarm.sql("DELETE FROM marker")
     swarm.sql("INSERT INTO marker VALUES ('before')")
@@ -247,7 +247,7 @@ def test_backup_and_restore_on_the_db_node(swarm, tmp_path):
     assert get(swarm.url()).startswith("shop-web")
 
 
-def test_a_release_change_of_web_costs_no_request(swarm):
+def a_release_change_of_web_costs_no_request(swarm):
     version(swarm.app_root / "deployment" / "compose", "swarm-2")
     client = Client(0)
     client.url = swarm.url("swarm-2")
@@ -261,7 +261,7 @@ def test_a_release_change_of_web_costs_no_request(swarm):
     assert {get(swarm.url(n)).split()[0] for n in ("swarm-2", "swarm-3")} == {"shop-web/swarm-2"}
 
 
-def test_releases_and_rollback_on_the_swarm(swarm):
+def releases_and_rollback_on_the_swarm(swarm):
     listing = swarm.deploy("releases", "--json")
     assert listing.code == 0, listing.text
     [host] = json.loads(listing.out)["hosts"]
@@ -279,7 +279,7 @@ def test_releases_and_rollback_on_the_swarm(swarm):
     assert get(swarm.url()).split()[0] == "shop-web/swarm-2"
 
 
-def test_a_release_whose_web_never_starts_is_rolled_back_by_swarm(swarm):
+def a_release_whose_web_never_starts_is_rolled_back_by_swarm(swarm):
     before = json.loads(swarm.deploy("status", "--json").out)["current"]
     web = swarm.app_root / "app" / "web.py"
     good = web.read_text()
@@ -298,7 +298,7 @@ def test_a_release_whose_web_never_starts_is_rolled_back_by_swarm(swarm):
     assert json.loads(swarm.deploy("status", "--json").out)["current"] == before
 
 
-def test_a_node_whose_engine_is_down_fails_the_up_by_name_and_the_old_release_serves(swarm):
+def a_node_whose_engine_is_down_fails_the_up_by_name_and_the_old_release_serves(swarm):
     before = json.loads(swarm.deploy("status", "--json").out)["current"]
     version(swarm.app_root / "deployment" / "compose", "swarm-3")
     pidfile = STATE / "swarm" / "sw3" / "dockerd.pid"
@@ -317,7 +317,7 @@ def test_a_node_whose_engine_is_down_fails_the_up_by_name_and_the_old_release_se
     assert json.loads(swarm.deploy("status", "--json").out)["current"] == before
 
 
-def test_up_foreground_follows_logs_until_ctrl_c(swarm):
+def up_foreground_follows_logs_until_ctrl_c(swarm):
     before = json.loads(swarm.deploy("status", "--json").out)["current"]
     version(swarm.app_root / "deployment" / "compose", "foreground")
     proc = start_deploy(swarm.hosts, "dev", "up")
@@ -334,7 +334,7 @@ def test_up_foreground_follows_logs_until_ctrl_c(swarm):
     assert get(swarm.url()).startswith("shop-web")
 
 
-def test_up_build_rebuilds_and_plain_down_keeps_the_volumes(swarm):
+def up_build_rebuilds_and_plain_down_keeps_the_volumes(swarm):
     r = swarm.deploy("up", "-d", "--build")
     assert r.code == 0, r.text
     assert "converged and healthy" in r.out
@@ -350,7 +350,7 @@ def test_up_build_rebuilds_and_plain_down_keeps_the_volumes(swarm):
     assert swarm.sql("SELECT v FROM marker").strip() == "before", "the data outlived down"
 
 
-def test_down_volumes_removes_everything_on_every_node(swarm):
+def down_volumes_removes_everything_on_every_node(swarm):
     r = swarm.deploy("down", "--volumes")
     assert r.code == 0, r.text
     for node in NODES:
@@ -362,7 +362,7 @@ def test_down_volumes_removes_everything_on_every_node(swarm):
         ).strip()
 
 
-def test_init_refuses_a_host_of_another_swarm_then_takes_it_back_once_it_left(swarm):
+def init_refuses_a_host_of_another_swarm_then_takes_it_back_once_it_left(swarm):
     world = swarm.world
     node_id = node_docker(world, "swarm-3", "info", "--format", "{{.Swarm.NodeID}}").strip()
     node_docker(world, "swarm-3", "swarm", "leave", "--force")
@@ -378,3 +378,30 @@ def test_init_refuses_a_host_of_another_swarm_then_takes_it_back_once_it_left(sw
     assert "swarm-3: joined the swarm" in again.out and f"removed the stale node {node_id[:12]}" in again.out
     nodes = node_docker(world, "swarm-1", "node", "ls", "--format", "{{.Hostname}} {{.Status}}").split("\n")
     assert sorted(n for n in nodes if n) == ["swarm-1 Ready", "swarm-2 Ready", "swarm-3 Ready"]
+
+
+# The steps share one swarm and one stack and build on each other, so they run in this
+# order in one test (xdist does not keep the order of a group's tests).
+STEPS = [
+    init_forms_the_swarm_and_a_second_run_changes_nothing,
+    up_d_builds_once_ships_to_the_app_nodes_and_places_by_role,
+    status_json_logs_and_build,
+    logs_follow_stops_on_ctrl_c,
+    migrate_then_test_on_the_stacks_network,
+    backup_and_restore_on_the_db_node,
+    a_release_change_of_web_costs_no_request,
+    releases_and_rollback_on_the_swarm,
+    a_release_whose_web_never_starts_is_rolled_back_by_swarm,
+    a_node_whose_engine_is_down_fails_the_up_by_name_and_the_old_release_serves,
+    up_foreground_follows_logs_until_ctrl_c,
+    up_build_rebuilds_and_plain_down_keeps_the_volumes,
+    down_volumes_removes_everything_on_every_node,
+    init_refuses_a_host_of_another_swarm_then_takes_it_back_once_it_left,
+]
+
+
+@pytest.mark.timeout(1800)  # about 4 minutes alone; the whole suite shares two cores with it
+def test_an_environment_on_the_swarm_end_to_end(swarm, tmp_path):
+    for step in STEPS:
+        params = step.__code__.co_varnames[: step.__code__.co_argcount]
+        step(*[swarm if p == "swarm" else tmp_path for p in params])
