@@ -1,8 +1,8 @@
 """The seam between the commands and the two ways an environment runs its services:
 `compose` (docker compose on each host; operations.py, release_ops.py) and `swarm` (one
-Docker Swarm across the hosts; swarm_ops.py). The command table (cli.py) calls through
-here; what both share (releases, their upload, the lock, the history, the backup's
-verified chain, the CLI) is written once, outside the engines."""
+Docker Swarm across the hosts; swarm_nodes.py, swarm_deploy.py, swarm_ops.py). The
+command table (cli.py) calls through here; what both share (releases, their upload, the
+lock, the history, the backup's verified chain, the CLI) is written once, outside them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import operations as ops
-from . import release_ops, swarm_ops
+from . import release_ops, swarm_deploy, swarm_nodes, swarm_ops
 from .errors import ExitStatus, UsageError
 from .session import HostSession
 
@@ -70,8 +70,8 @@ COMPOSE = Engine(
 
 SWARM = Engine(
     "swarm",
-    up=_late(swarm_ops, "up"),
-    down=_late(swarm_ops, "down"),
+    up=_late(swarm_deploy, "up"),
+    down=_late(swarm_deploy, "down"),
     build=_late(swarm_ops, "build"),
     logs=_late(swarm_ops, "logs"),
     status=_late(swarm_ops, "status"),
@@ -81,8 +81,8 @@ SWARM = Engine(
     backup=_late(swarm_ops, "backup"),
     restore=_late(swarm_ops, "restore"),
     releases=_late(swarm_ops, "releases"),
-    rollback=_late(swarm_ops, "rollback"),
-    init=_late(swarm_ops, "init"),
+    rollback=_late(swarm_deploy, "rollback"),
+    init=_late(swarm_nodes, "init"),
 )
 
 

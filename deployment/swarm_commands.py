@@ -376,7 +376,7 @@ def service_logs_argv(service: str, tail: int) -> list[str]:
 # stack, then the names to keep). One in use is refused by the engine and stays.
 PRUNE_CONFIGS_SCRIPT = (
     'stack=$1; shift; docker config ls --filter "label=com.docker.stack.namespace=$stack" '
-    "--format '{{.Name}}' | while read -r c; do keep=; for k; do [ \"$c\" = \"$k\" ] && keep=1; done; "
+    '--format \'{{.Name}}\' | while read -r c; do keep=; for k; do [ "$c" = "$k" ] && keep=1; done; '
     'if [ -z "$keep" ] && docker config rm "$c" >/dev/null 2>&1; then echo "$c"; fi; done; true'
 )
 

@@ -168,7 +168,7 @@ def test_logs_argv_takes_services_as_parameters():
 
 
 def test_check_and_dry_run_read_the_compose_file_as_compose_would():
-    from deployment import swarm_ops
+    from deployment import swarm_compose
 
     v = {"A": "1", "EMPTY": ""}
     cases = {
@@ -183,8 +183,8 @@ def test_check_and_dry_run_read_the_compose_file_as_compose_would():
         "${B:?need B}": "",
     }
     for text, want in cases.items():
-        assert swarm_ops._interpolate(text, v) == want, text
-    spec = swarm_ops._long_ports({"services": {"p": {"ports": ["127.0.0.1:8080:80", "81", "9000:90/udp"]}}})
+        assert swarm_compose.interpolate(text, v) == want, text
+    spec = swarm_compose.long_ports({"services": {"p": {"ports": ["127.0.0.1:8080:80", "81", "9000:90/udp"]}}})
     assert spec["services"]["p"]["ports"] == [
         {"target": 80, "protocol": "tcp", "mode": "ingress", "published": "8080", "host_ip": "127.0.0.1"},
         {"target": 81, "protocol": "tcp", "mode": "ingress"},
