@@ -57,7 +57,7 @@ demo: venv testbed
 
 # Benchmarks against plain OpenSSH, Docker over ssh:// and Ansible; never part of `make test`.
 bench: venv
-	TESTBED_EXTRA_HOSTS=16 $(PYTHON) tests/testbed/testbed.py up > /dev/null
+	TESTBED_EXTRA_HOSTS=64 $(PYTHON) tests/testbed/testbed.py up > /dev/null
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:

@@ -2,18 +2,36 @@
 """`make bench`: the tool side by side with what an operator would otherwise use.
 
 Every figure is the median of RUNS interleaved runs after one warm-up, each a whole
-process as a user runs it. Nothing here asserts anything: it prints tables and writes
-bench/results/bench-<UTC time>.json. Needs the test world with 16 extra hosts
-(`TESTBED_EXTRA_HOSTS=16 make testbed`, which `make bench` does; only `fanout` uses them).
+process as a user runs it (the ship row calls the tool's image_ship in-process). Nothing
+here asserts anything: it prints tables and ratios and writes bench/results/bench-<UTC
+time>.json. Needs the test world with 64 extra hosts (`TESTBED_EXTRA_HOSTS=64 make
+testbed`, which `make bench` does; only `fanout` uses them) and, for the Swarm column of
+`roll` and the `ship` row, the world's swarm nodes. A row or column whose feature the
+tool lacks prints "not built".
 
-`rollback` and `change` (`--only rollback change`) run on stacks of their own on dev-host
-(a unique compose project, a remote directory under the world's remote_root, copies of
-the app in a temporary directory) and remove all of it at the end, also on Ctrl+C:
-- rollback: `deploy ENV rollback` A->B->A..., beside `deploy ENV status` and plain
-  compose over ssh switching between the same two releases' files (`up -d --wait
-  --no-build`: the container work of a rollback without the tool); target: rollback <=
-  2 x status + that health wait. Every rollback is checked to upload and build nothing
-  (its output, the image tags and ids, the host's releases) and to serve its release.
+The second edition's four numbers a team feels, and the fan-out at 64 hosts:
+- outage (`roll`, row 10): failed requests and the longest gap seen by a client GETting
+  through the published port every 20 ms while `up -d` ships a one-line change of web:
+  compose stop-first, compose start-first, and a Swarm stack (swarm-1 manager and db,
+  swarm-2 and swarm-3 app; the proxy publishes in host mode on both) start-first.
+- time to ship a one-line change (`change`, row 8), with what dominates the tool's time.
+- time to go back (`rollback`, row 7): `rollback`, beside redeploying the previous commit
+  (its app file put back, `deploy ENV up -d --build`); target rollback <= the health wait
+  + 1 s.
+- bytes to move a change to a cluster (`ship`, row 11): image_ship of a one-line change
+  to two nodes against `docker save | ssh NODE docker load` of the whole image.
+- fan-out (`fanout`, row 2): `status` on 1, 4, 16 and 64 hosts, and the tool's own CPU
+  time per host.
+
+`rollback`, `change` and `roll` run on stacks of their own (a unique compose project or
+stack, a remote directory under the world's remote_root, copies of the app in a
+temporary directory) and remove all of it at the end, also on Ctrl+C:
+- rollback: `deploy ENV rollback` A->B->A..., beside `deploy ENV status`, plain compose
+  over ssh switching between the same two releases' files (`up -d --wait --no-build`:
+  the container work of a rollback without the tool), and `up -d --build` of the other
+  release's app file on a stack of its own. Every rollback is checked to upload and
+  build nothing (its output, the image tags and ids, the host's releases) and to serve
+  its release.
 - change: `deploy ENV up -d` after a one-line edit of app/web.py, beside an operator's
   script (`rsync -a` of the same files to a directory of its own, then `ssh HOST docker
   compose -p PROJECT-hand up -d --build --wait`; every edit is new, so no run finds the
@@ -121,12 +139,37 @@ def table(title: str, results: dict[str, dict], baseline: str, unit: str = "s", 
 # --- set-up -----------------------------------------------------------------------------------
 
 
+FANOUT = (1, 4, 16, 64)
+
+
 def world(fanout: bool = True) -> dict:
     info = json.loads((STATE / "world.json").read_text())
     extra = [h for h in info["hosts"] if h.startswith("extra-host-")]
-    if fanout and len(extra) < 16:
-        raise SystemExit("bench: needs 16 extra hosts: TESTBED_EXTRA_HOSTS=16 make testbed")
+    if fanout and len(extra) < max(FANOUT):
+        raise SystemExit(
+            f"bench: needs {max(FANOUT)} extra hosts: TESTBED_EXTRA_HOSTS={max(FANOUT)} make testbed"
+            f" (the world has {len(extra)})"
+        )
     return info
+
+
+def not_built(feature: str) -> str | None:
+    """Why the tool lacks a feature a row measures, or None when it has it."""
+    sys.path.insert(0, str(REPO))
+    from deployment import cli
+
+    if feature == "rollback" and "rollback" not in cli.COMMANDS:
+        return "no rollback command"
+    if feature == "lock" and not any(c.takes_lock for c in cli.COMMANDS.values()):
+        return "no command takes the deploy lock"
+    if feature in ("swarm", "ship"):
+        if "init" not in cli.COMMANDS or not (REPO / "deployment" / "swarm_deploy.py").exists():
+            return "no `engine: swarm`"
+        if not (REPO / "deployment" / "image_ship.py").exists():
+            return "no image shipping"
+        if "swarm" not in json.loads((STATE / "world.json").read_text()):
+            return "the test world has no swarm nodes (make testbed)"
+    return None
 
 
 def ssh_wrapper(w: dict) -> Path:
@@ -145,7 +188,7 @@ def inventory(w: dict) -> Path:
     compose = str(REPO / "deployment" / "compose" / "docker-compose.dev.yml")
     variables = {**w["images"], "WEB_PORT": 18481, "DB_PORT": 18482}
     envs = {"b1": {"compose_file": compose, "hosts": ["dev-host"], "variables": variables}}
-    for n in (1, 4, 16):
+    for n in FANOUT:
         envs[f"fan{n}"] = {"compose_file": compose, "hosts": extra[:n], "variables": variables}
     inv = {
         "project": "bench",
@@ -212,7 +255,7 @@ def bench_fanout(w, hosts, runs):
     out = {}
     cpu = {}
     ps = "docker compose -p bench-b1 ps"
-    for n in (1, 4, 16):
+    for n in FANOUT:
         names = extra[:n]
         ansible, aenv = ansible_env(w, names)
 
@@ -228,7 +271,7 @@ def bench_fanout(w, hosts, runs):
             return t
 
         def parallel_ssh(names=names):
-            # Every "host" shares this machine's two cores, so N remote compose processes
+            # Every "host" shares this machine's cores, so N remote compose processes
             # and N sshd handshakes compete whatever the client does.
             t0 = time.perf_counter()
             procs = [
@@ -265,26 +308,46 @@ def bench_fanout(w, hosts, runs):
         }
         out[n] = compare(cases, runs)
         own, busy, wall = (statistics.median(v) for v in zip(*cpu[n][1:], strict=True))  # [0] is the warm-up
-        out[n][f"deploy.py status ({n} hosts)"].update(tool_cpu_s=own, machine_busy_cpu_s=busy)
-        out[n][f"deploy.py status ({n} hosts)"]["extra"] = (
-            f"tool CPU {own:.2f} s, machine busy {busy:.2f} CPU-s = {100 * busy / wall / os.cpu_count():.0f}% "
-            f"of {os.cpu_count()} cores"
+        row = out[n][f"deploy.py status ({n} hosts)"]
+        row.update(tool_cpu_s=own, tool_cpu_per_host_s=own / n, machine_busy_cpu_s=busy)
+        row["extra"] = (
+            f"tool CPU {own:.2f} s ({1000 * own / n:.0f} ms a host), machine busy {busy:.2f} CPU-s = "
+            f"{100 * busy / wall / os.cpu_count():.0f}% of {os.cpu_count()} cores"
         )
         table(f"2. Fan-out: status on {n} host(s)", out[n], f"deploy.py status ({n} hosts)")
+    top, mid = max(FANOUT), 16
     one = out[1]["deploy.py status (1 hosts)"]["median"]
-    sixteen = out[16]["deploy.py status (16 hosts)"]
-    print(f"  deploy.py: 16 hosts take x{sixteen['median'] / one:.2f} the time of 1 host (target <= 1.5)")
-    p1 = out[1]["parallel OpenSSH (1 at once)"]["median"]
-    p16 = out[16]["parallel OpenSSH (16 at once)"]["median"]
-    print(f"  parallel OpenSSH: 16 hosts take x{p16 / p1:.2f} the time of 1")
-    # The hosts are processes on this machine: their CPU time and the tool's add up on
-    # the same cores. Busy CPU-seconds / cores is the shortest the 16-host run could take.
-    floor = sixteen["machine_busy_cpu_s"] / os.cpu_count()
-    print(
-        f"  CPU floor of the 16-host run on this machine: {floor:.2f} s (x{floor / one:.2f} of 1 host); "
-        f"the tool itself used {sixteen['tool_cpu_s']:.2f} of {sixteen['machine_busy_cpu_s']:.2f} busy CPU-s"
-    )
-    out["cpu_floor_16_s"] = floor
+    for n in (mid, top):
+        t = out[n][f"deploy.py status ({n} hosts)"]
+        p = out[n][f"parallel OpenSSH ({n} at once)"]["median"]
+        print(
+            f"  {n} hosts: deploy.py takes x{t['median'] / one:.2f} the time of 1 host; parallel OpenSSH "
+            f"x{p / out[1]['parallel OpenSSH (1 at once)']['median']:.2f} of its 1"
+        )
+        # The hosts are processes on this machine: their CPU time and the tool's add up on
+        # the same cores. Busy CPU-seconds / cores is the shortest the run could take.
+        floor = t["machine_busy_cpu_s"] / os.cpu_count()
+        out[f"cpu_floor_{n}_s"] = floor
+        print(
+            f"  CPU floor of the {n}-host run on this machine: {floor:.2f} s (x{floor / one:.2f} of 1 host); "
+            f"the tool itself used {t['tool_cpu_s']:.2f} of {t['machine_busy_cpu_s']:.2f} busy CPU-s"
+        )
+    t = out[top][f"deploy.py status ({top} hosts)"]
+    p = out[top][f"parallel OpenSSH ({top} at once)"]["median"]
+    a = out[top][f"ansible forks={top}"]["median"]
+    per = {n: out[n][f"deploy.py status ({n} hosts)"]["tool_cpu_per_host_s"] for n in (mid, top)}
+    targets = {
+        f"faster than {top} parallel OpenSSH clients": (t["median"] < p, f"x{p / t['median']:.2f} faster"),
+        f">= 10x faster than Ansible forks={top}": (a >= 10 * t["median"], f"x{a / t['median']:.2f} faster"),
+        f"tool CPU per host flat from {mid} to {top} (<= x1.2)": (
+            per[top] <= 1.2 * per[mid],
+            f"{1000 * per[mid]:.1f} ms -> {1000 * per[top]:.1f} ms a host, x{per[top] / per[mid]:.2f}",
+        ),
+    }
+    print(f"  targets at {top} hosts:")
+    for what, (met, figure) in targets.items():
+        print(f"    {what}: {figure}: {'met' if met else 'NOT met'}")
+    out["targets"] = {what: {"met": met, "figure": figure} for what, (met, figure) in targets.items()}
     return {str(k): v for k, v in out.items()}
 
 
@@ -495,12 +558,18 @@ def bench_lock(hosts, runs):
     """The same command as shipped (lock and history), with the history only, and with
     neither (bench/lock_probe.py switches them off in the command table): SSH connections
     and channels (round trips) opened, and whole-process time."""
+    if why := not_built("lock"):
+        print(f"\n9. SSH connections and round trips per command, for the lock and the history: not built ({why})")
+        return {"not_built": why}
     probe = [PY, str(REPO / "bench" / "lock_probe.py")]
     commands = {"up -d (no change)": ["up", "-d"], "migrate (none pending)": ["migrate"]}
     modes = {"on": "lock + history", "history": "history only", "off": "neither"}
     out = {}
-    print("\n9. The deploy lock: a command as shipped, with its history line only, and with neither")
-    print(f"  {'command':<24} {'':<16} {'connections':>11} {'channels':>8} {'median s':>9}")
+    print(
+        "\n9. SSH connections and round trips per command, for the lock and the history: a command as shipped"
+        " (lock + history), with its history line only, and with neither"
+    )
+    print(f"  {'command':<24} {'':<16} {'SSH connections':>15} {'round trips':>11} {'median s':>9}")
     for name, args in commands.items():
         got: dict[str, list] = {m: [] for m in modes}
         for i in range(runs + 1):  # the first round is a warm-up
@@ -522,12 +591,23 @@ def bench_lock(hosts, runs):
                 "median_s": statistics.median(r["wall"] for r in recs),
             }
             out[name][mode] = row
-            print(f"  {name:<24} {label:<16} {row['connections']:>11} {row['channels']:>8g} {row['median_s']:>9.3f}")
-        on, hist = out[name]["on"], out[name]["history"]
+            print(f"  {name:<24} {label:<16} {row['connections']:>15} {row['channels']:>11g} {row['median_s']:>9.3f}")
+        on, hist, off = out[name]["on"], out[name]["history"], out[name]["off"]
+        lock_conn, lock_rt = on["connections"] - hist["connections"], on["channels"] - hist["channels"]
+        met = lock_conn == 0 and lock_rt <= 1
+        out[name]["lock_adds"] = {"connections": lock_conn, "round_trips": lock_rt, "target_met": met}
+        out[name]["history_adds"] = {
+            "connections": hist["connections"] - off["connections"],
+            "round_trips": hist["channels"] - off["channels"],
+        }
         print(
-            f"  {'':<24} the lock adds {on['connections'] - hist['connections']} connections, "
-            f"{on['channels'] - hist['channels']:g} round trip(s), {on['median_s'] - hist['median_s']:+.3f} s "
-            "(its release rides with the history line)"
+            f"  {'':<24} the lock adds {lock_conn} SSH connections, {lock_rt:g} round trip(s), "
+            f"{on['median_s'] - hist['median_s']:+.3f} s (its release rides with the history line); "
+            f"target no connection and <= 1 round trip: {'met' if met else 'NOT met'}"
+        )
+        print(
+            f"  {'':<24} the history adds {hist['connections'] - off['connections']} SSH connections, "
+            f"{hist['channels'] - off['channels']:g} round trip(s), {hist['median_s'] - off['median_s']:+.3f} s"
         )
     return out
 
@@ -597,13 +677,14 @@ def compose_marks(lines: list[tuple[float, str]]) -> dict[str, float]:
 
 
 class AppCopy:
-    """A copy of the app and the dev compose file that the bench edits: a git work tree."""
+    """A copy of the app and a compose file (the dev one unless told) that the bench edits:
+    a git work tree. Its web answers on addr:port (through the stack's proxy)."""
 
-    def __init__(self, root: Path, port: int):
-        self.root, self.port = root, port
+    def __init__(self, root: Path, port: int, compose: str = "docker-compose.dev.yml", addr: str = "127.0.0.1"):
+        self.root, self.port, self.compose_name, self.addr = root, port, compose, addr
         shutil.copytree(REPO / "app", root / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (root / "deployment" / "compose").mkdir(parents=True)
-        shutil.copy(REPO / "deployment" / "compose" / "docker-compose.dev.yml", self.compose)
+        shutil.copy(REPO / "deployment" / "compose" / compose, self.compose)
         git = ["git", "-C", str(root), "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
         sh([*git, "init", "-q"])
         sh([*git, "add", "-A"])
@@ -611,7 +692,7 @@ class AppCopy:
 
     @property
     def compose(self) -> Path:
-        return self.root / "deployment" / "compose" / "docker-compose.dev.yml"
+        return self.root / "deployment" / "compose" / self.compose_name
 
     def version(self, v: str) -> None:
         """A one-line code change: web answers with Server: shop-web/<v>."""
@@ -620,8 +701,8 @@ class AppCopy:
         start = text.index('server_version = "') + len('server_version = "')
         path.write_text(text[:start] + f"shop-web/{v}" + text[text.index('"', start) :])
 
-    def served(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=10) as resp:
+    def served(self, addr: str | None = None) -> str:
+        with urllib.request.urlopen(f"http://{addr or self.addr}:{self.port}/health", timeout=10) as resp:
             return resp.headers["Server"].split()[0].removeprefix("shop-web/")
 
 
@@ -635,9 +716,9 @@ class ReleaseStacks:
         self.remote = Path(w["remote_root"]) / self.project
         self.tmp = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
         self.hand_images: set[str] = set()
-        ports = iter(free_ports(6))
+        ports = iter(free_ports(8))
         self.copies, self.variables = {}, {}
-        for name in ("rb", "chg", "hand"):
+        for name in ("rb", "rd", "chg", "hand"):
             web = next(ports)
             self.copies[name] = AppCopy(self.tmp / name, web)
             self.variables[name] = {
@@ -653,7 +734,7 @@ class ReleaseStacks:
                 "hosts": [REL_HOST],
                 "variables": self.variables[name],
             }
-            for name in ("rb", "chg")
+            for name in ("rb", "rd", "chg")
         }
         inv = {
             "project": self.project,
@@ -711,7 +792,7 @@ class ReleaseStacks:
         return dict(line.split() for line in out.splitlines() if line.strip())
 
     def cleanup(self) -> None:
-        for env in ("rb", "chg", "hand"):
+        for env in ("rb", "rd", "chg", "hand"):
             docker("compose", "-p", f"{self.project}-{env}", "down", "--volumes", "--remove-orphans", "--timeout", "2")
         tags = docker(
             "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={self.project}-*"
@@ -744,13 +825,26 @@ def up_or_die(stacks: ReleaseStacks, env: str) -> str:
 
 
 def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
-    """`deploy ENV rollback` between two releases, beside `status` and the same container
-    work done by plain compose over ssh (switching the running release's compose files)."""
+    """`deploy ENV rollback` between two releases, beside `status`, the same container
+    work done by plain compose over ssh (switching the running release's compose files),
+    and redeploying the previous commit through the tool (`up -d --build` of the other
+    release's app file, on a stack of its own: "rd")."""
+    if why := not_built("rollback"):
+        print(f"\n7. rollback to the previous release until healthy: not built ({why})")
+        return {"not_built": why}
     copy = stacks.copies["rb"]
     versions = {}
     for v in ("A", "B"):
         copy.version(f"{v}-{stacks.nonce}")
         versions[up_or_die(stacks, "rb")] = f"{v}-{stacks.nonce}"
+    # The redeploy's stack: the same two commits, B running.
+    rd = stacks.copies["rd"]
+    rd_versions = [f"rdA-{stacks.nonce}", f"rdB-{stacks.nonce}"]
+    for v in rd_versions:
+        rd.version(v)
+        up_or_die(stacks, "rd")
+    rd_state = {"serving": rd_versions[1]}
+    rd_marks: list[dict] = []
     a, b = versions
     state = {"current": b}
     other = {a: b, b: a}
@@ -820,8 +914,29 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
         check(copy.served() == versions[release], "plain compose: web does not serve the release switched to")
         return dt
 
+    def redeploy_previous() -> float:
+        # The previous commit's app file back in the work tree, then `up -d --build`.
+        target = rd_versions[0] if rd_state["serving"] == rd_versions[1] else rd_versions[1]
+        rd.version(target)
+        dt, lines = timeline(stacks.deploy("-v", "rd", "up", "-d", "--build"))
+        rd_state["serving"] = target
+        m = compose_marks(lines)
+        if {"first", "build", "up", "after_up"} <= m.keys():
+            rd_marks.append(
+                {
+                    "before_build": m["build"],
+                    "build": m["up"] - m["build"],
+                    "compose_up_wait": m["after_up"] - m["up"],
+                    "after_compose_up": dt - m["after_up"],
+                }
+            )
+        check(rd.served() == target, "up -d --build of the previous commit: web does not serve it")
+        return dt
+
+    redeploy = "deploy.py up -d --build (previous commit)"
     cases = {
         "deploy.py rollback": rollback,
+        redeploy: redeploy_previous,
         "deploy.py status": lambda: timed(stacks.deploy("rb", "status")),
         # The rollback's container work without the tool: to the other release and back
         # (so the next rollback again switches every container). Both are samples.
@@ -844,6 +959,14 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
     }
     rb, status, wait = (r[k]["median"] for k in ("deploy.py rollback", "deploy.py status", health))
     budget = 2 * status + wait
+    target2 = wait + 1.0
+    if rd_marks[1:]:
+        rd_phase = {k: statistics.median(m[k] for m in rd_marks[1:]) for k in rd_marks[0]}
+        r[redeploy].update(phases_s=rd_phase, per_run=rd_marks[1:])
+        r[redeploy]["extra"] = (
+            f"before its build {rd_phase['before_build']:.2f} s, build {rd_phase['build']:.2f} s (cached layers), "
+            f"compose up --wait {rd_phase['compose_up_wait']:.2f} s, after {rd_phase['after_compose_up']:.2f} s"
+        )
     phase = {k: statistics.median(m[k] for m in marks[1:]) for k in marks[0] if k != "to"}
     r["deploy.py rollback"].update(phases_s=phase, per_run=marks[1:])
     r["deploy.py rollback"]["extra"] = (
@@ -855,6 +978,15 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
         f"  target: rollback <= 2 x status + the services' own health wait = {budget:.3f} s; "
         f"rollback / that = x{rb / budget:.2f}: {'met' if rb <= budget else 'NOT met'}"
     )
+    print(
+        f"  target: rollback <= the health wait + 1 s = {target2:.3f} s: rollback {rb:.3f} s, "
+        f"{'met' if rb <= target2 else 'NOT met'} ({rb - target2:+.3f} s)"
+    )
+    rd_med = r[redeploy]["median"]
+    print(
+        f"  against redeploying the previous commit with up -d --build: {rd_med:.3f} s; rollback takes "
+        f"x{rb / rd_med:.2f} of it ({rd_med - rb:+.3f} s saved)"
+    )
     print(f"  tool's own time (rollback - plain compose's switch): {rb - wait:+.3f} s; 2 x status {2 * status:.3f} s")
     print(
         "  nothing uploaded or built (output, image ids, the host's releases, what web serves): "
@@ -865,6 +997,9 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
         "budget_s": budget,
         "ratio_to_budget": rb / budget,
         "target_met": rb <= budget,
+        "health_wait_plus_1s": target2,
+        "target_health_wait_plus_1s_met": rb <= target2,
+        "ratio_to_redeploy_previous": rb / r[redeploy]["median"],
         "nothing_uploaded_or_built": not problems,
         "problems": problems,
         "releases": versions,
@@ -988,9 +1123,17 @@ def bench_change(stacks: ReleaseStacks, runs: int) -> dict:
         r,
         "rsync -a + ssh compose up -d --build --wait",
     )
+    ratio = t["median"] / h["median"]
+    print(
+        f"  target: <= x1.10 the hand script (the tool also verifies, records and locks): x{ratio:.2f}, "
+        f"{t['median'] - h['median']:+.3f} s: {'met' if ratio <= 1.1 else 'NOT met'}"
+    )
     print("  where the tool's time goes (median of its runs, from -v timestamps):")
     for k, v in phases.items():
         print(f"    {k:<40} {v:6.3f} s  {100 * v / t['median']:3.0f}%")
+    top = max(phases, key=phases.get)
+    print(f"  dominated by: {top} ({100 * phases[top] / t['median']:.0f}% of the tool's time)")
+    t.update(dominant_phase=top, ratio_to_hand=ratio, target_met=ratio <= 1.1)
     print(
         f"  bytes per change: the tool's release tarball {tar:.0f} B vs rsync's {sent:.0f} B sent "
         f"(x{tar / max(sent, 1):.1f})"
@@ -1007,9 +1150,9 @@ class Prober(threading.Thread):
     """GET /health through the stack's proxy every 20 ms: failed requests and the longest
     time between two answered ones."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, addr: str = "127.0.0.1"):
         super().__init__(daemon=True)
-        self.url = f"http://127.0.0.1:{port}/health"
+        self.url = f"http://{addr}:{port}/health"
         self.ok, self.failed, self.longest_gap = 0, 0, 0.0
         self.halt = threading.Event()
 
@@ -1033,19 +1176,87 @@ STOP_FIRST_EDIT = (
     "    # the old retired once the new one is healthy.\n"
     "    deploy:\n      update_config:\n        order: start-first\n"
 )
+SWARM_NODES = {"swarm-1": ["manager", "db"], "swarm-2": ["app"], "swarm-3": ["app"]}
+SWARM_ROLES = {"app": ["web", "worker", "proxy"], "db": ["db"]}
+SWARM_CLIENT = "swarm-2"  # the client GETs through the proxy this node publishes
+
+
+def node_docker(w: dict, node: str, *args: str) -> str:
+    """docker against a swarm node's own engine (its socket, from this machine)."""
+    return docker("-H", w["swarm"]["sockets"][node], *args)
+
+
+def swarm_cleanup(w: dict, hosts: Path, env: str, stack: str) -> list[str]:
+    """The stack down with its volumes (through the tool), then its images off every node;
+    what is left over is returned (and said), not raised: this runs in a finally."""
+    left = []
+    res = sh([*DEPLOY, "--hosts", str(hosts), env, "down", "--volumes", "--yes"], check=False, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        left.append(f"deploy {env} down --volumes exited {res.returncode}: {(res.stderr or res.stdout)[-300:]}")
+        node_docker(w, "swarm-1", "stack", "rm", stack)
+    for node in w["swarm"]["nodes"]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and node_docker(
+            w, node, "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={stack}"
+        ):
+            time.sleep(1)
+        vols = node_docker(w, node, "volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={stack}")
+        if vols.split():
+            node_docker(w, node, "volume", "rm", *vols.split())
+        images = [
+            i
+            for i in node_docker(w, node, "images", "--format", "{{.Repository}}:{{.Tag}}").split()
+            if i.startswith(f"{stack}-")
+        ]
+        if images:
+            node_docker(w, node, "rmi", *images)
+        still = [
+            i
+            for i in node_docker(w, node, "images", "--format", "{{.Repository}}:{{.Tag}}").split()
+            if i.startswith(f"{stack}-")
+        ]
+        if still:
+            left.append(f"{node}: images left: {' '.join(still)}")
+    for line in left:
+        print(f"bench: clean-up of the swarm stack {stack}: {line}", file=sys.stderr)
+    return left
 
 
 def bench_roll(w, runs):
     """`up -d` of a one-line change of web while a client sends a request every 20 ms: the
     example stack as shipped (web and worker start-first) beside the same stack with
-    update_config removed (stop-first: compose's own recreate, what `up -d` did before)."""
+    update_config removed (stop-first: compose's own recreate, what `up -d` did before),
+    and the Swarm stack (docker-compose.swarm.yml: web's two replicas start-first, the
+    proxy publishing in host mode on swarm-2 and swarm-3) on the world's three nodes."""
     tmp = Path(tempfile.mkdtemp(prefix="deploy-bench-roll-"))
     project = f"benchroll{uuid.uuid4().hex[:6]}"
     remote = Path(w["remote_root"]) / project
-    ports = iter(free_ports(4, start=18700))
+    ports = iter(free_ports(6, start=18700))
     copies, envs = {}, {}
-    for name in ("stopfirst", "startfirst"):
-        web = next(ports)
+    swarm_missing = not_built("swarm")
+    labels = {
+        "stopfirst": "compose stop-first (recreate)",
+        "startfirst": "compose start-first (as shipped)",
+        "swarm": "Swarm start-first",
+    }
+    for name in ("stopfirst", "startfirst", "swarm"):
+        web, db = next(ports), next(ports)
+        variables = {**w["images"], "WEB_PORT": web, "DB_PORT": db, "POSTGRES_PASSWORD": "bench-roll"}
+        if name == "swarm":
+            if swarm_missing:
+                continue
+            copies[name] = AppCopy(
+                tmp / name, web, compose="docker-compose.swarm.yml", addr=w["swarm"]["nodes"][SWARM_CLIENT]
+            )
+            envs[name] = {
+                "engine": "swarm",
+                "compose_file": str(copies[name].compose),
+                "root": str(copies[name].root),
+                "hosts": [{"name": h, "roles": r} for h, r in SWARM_NODES.items()],
+                "roles": SWARM_ROLES,
+                "variables": variables,
+            }
+            continue
         copies[name] = AppCopy(tmp / name, web)
         if name == "stopfirst":
             text = copies[name].compose.read_text()
@@ -1055,7 +1266,7 @@ def bench_roll(w, runs):
             "compose_file": str(copies[name].compose),
             "root": str(copies[name].root),
             "hosts": [REL_HOST],
-            "variables": {**w["images"], "WEB_PORT": web, "DB_PORT": next(ports), "POSTGRES_PASSWORD": "bench-roll"},
+            "variables": variables,
         }
     hosts = tmp / "hosts.yaml"
     hosts.write_text(
@@ -1072,60 +1283,252 @@ def bench_roll(w, runs):
             }
         )
     )
+
+    def deploy(name: str, *args: str) -> None:
+        res = sh([*DEPLOY, "--hosts", str(hosts), name, *args], check=False, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise SystemExit(f"bench: {name} {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+
+    def serving(name: str, v: str) -> bool:
+        copy = copies[name]
+        if name != "swarm":
+            return copy.served() == v
+        return all(copy.served(w["swarm"]["nodes"][n]) == v for n in ("swarm-2", "swarm-3"))
+
     got: dict[str, list[dict]] = {name: [] for name in copies}
+    left: list[str] = []
     try:
+        if "swarm" in copies:
+            deploy("swarm", "init")
         for name, copy in copies.items():
             copy.version(f"{project}-0")
-            res = sh([*DEPLOY, "--hosts", str(hosts), name, "up", "-d"], check=False)
-            if res.returncode != 0:
-                raise SystemExit(f"bench: {name} up failed:\n{res.stdout}\n{res.stderr}")
+            deploy(name, "up", "-d")
         for i in range(1, runs + 2):  # the first round is a warm-up
             for name, copy in copies.items():
                 copy.version(f"{project}-{i}")
-                probe = Prober(copy.port)
+                probe = Prober(copy.port, copy.addr)
                 probe.start()
                 time.sleep(0.3)
                 t0 = time.perf_counter()
-                res = sh([*DEPLOY, "--hosts", str(hosts), name, "up", "-d"], check=False)
+                deploy(name, "up", "-d")
                 took = time.perf_counter() - t0
                 time.sleep(0.3)
                 probe.halt.set()
                 probe.join(10)
-                if res.returncode != 0:
-                    raise SystemExit(f"bench: {name} up failed:\n{res.stdout}\n{res.stderr}")
-                if copy.served() != f"{project}-{i}":
+                if not serving(name, f"{project}-{i}"):
                     raise SystemExit(f"bench: {name} does not serve the new release")
                 if i > 1:
                     got[name].append({"failed": probe.failed, "ok": probe.ok, "gap": probe.longest_gap, "s": took})
     finally:
         for name in copies:
-            docker("compose", "-p", f"{project}-{name}", "down", "--volumes", "--remove-orphans", "--timeout", "2")
+            if name != "swarm":
+                docker("compose", "-p", f"{project}-{name}", "down", "--volumes", "--remove-orphans", "--timeout", "2")
         tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={project}-*").split()
         if tags:
             docker("rmi", *sorted(set(tags)))
+        if "swarm" in copies:
+            left = swarm_cleanup(w, hosts, "swarm", f"{project}-swarm")
         shutil.rmtree(remote, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     out = {}
-    print("\n10. Failed requests during `up -d` of a one-line change of web (a GET every 20 ms via the proxy)")
-    print(f"  {'strategy':<28} {'failed (median, max)':>21} {'longest gap s':>14} {'up -d s':>8}")
-    for name, label in (("stopfirst", "stop-first (compose recreate)"), ("startfirst", "start-first (as shipped)")):
+    print("\n10. Outage during a release change: `up -d` of a one-line change of web, a GET every 20 ms via the proxy")
+    print(f"  {'strategy':<34} {'failed (median, max)':>21} {'longest gap s':>14} {'up -d s':>8}")
+    for name, label in labels.items():
+        if name not in copies:
+            print(f"  {label:<34} not built ({swarm_missing})")
+            out[name] = {"not_built": swarm_missing}
+            continue
         recs = got[name]
         row = {
             "failed_median": statistics.median(r["failed"] for r in recs),
             "failed_max": max(r["failed"] for r in recs),
             "longest_gap_s": statistics.median(r["gap"] for r in recs),
+            "longest_gap_max_s": max(r["gap"] for r in recs),
             "up_s": statistics.median(r["s"] for r in recs),
+            "requests_median": statistics.median(r["ok"] + r["failed"] for r in recs),
             "runs": recs,
         }
         out[name] = row
         print(
-            f"  {label:<28} {row['failed_median']:>10g}, {row['failed_max']:<9} {row['longest_gap_s']:>14.2f} "
+            f"  {label:<34} {row['failed_median']:>10g}, {row['failed_max']:<9} {row['longest_gap_s']:>14.2f} "
             f"{row['up_s']:>8.2f}"
         )
+    start_first = [n for n in ("startfirst", "swarm") if n in copies]
+    met = all(out[n]["failed_max"] == 0 for n in start_first)
+    print(
+        "  target: 0 failed for both start-first rows (every run): "
+        + ("met" if met and len(start_first) == 2 else "NOT met" if not met else "met for compose; Swarm not built")
+    )
+    if "stopfirst" in out and "startfirst" in out:
+        sf, st = out["stopfirst"], out["startfirst"]
+        print(
+            f"  longest gap start-first / stop-first: compose x{st['longest_gap_s'] / sf['longest_gap_s']:.2f}"
+            + (f", Swarm x{out['swarm']['longest_gap_s'] / sf['longest_gap_s']:.2f}" if "swarm" in copies else "")
+        )
+    out["target_met"] = met
+    if left:
+        out["cleanup_left"] = left
     return out
 
 
-ROWS = ["latency", "fanout", "pull", "push", "redeploy", "connections", "rollback", "change", "lock", "roll"]
+# --- bytes to move a change to a cluster ----------------------------------------------------
+
+
+def bench_ship(w, runs, deps_mb: int = 20):
+    """image_ship of a one-line change from swarm-1 to swarm-2 and swarm-3 (the layers each
+    node lacks) against `ssh swarm-1 docker save IMG | ssh NODE docker load` of the whole
+    image, node after node (bench/ship_probe.py's build, relay and connections). Each round
+    builds a new one-line change on the builder (untimed); both ways then find the nodes
+    holding the previous change only (the shipped image is removed before the relay)."""
+    title = "11. Bytes to move a one-line change to a cluster of 2 nodes (median per node)"
+    if why := not_built("ship"):
+        print(f"\n{title}: not built ({why})")
+        return {"not_built": why}
+    import ship_probe
+
+    from deployment import image_ship
+
+    builder = ship_probe.connect(w, ship_probe.BUILDER)
+    nodes = {name: ship_probe.connect(w, name) for name in ship_probe.NODES}
+    repo = f"benchship/{uuid.uuid4().hex[:8]}"
+    refs: list[str] = []
+    rows: dict[str, list[dict]] = {"image_ship": [], "save | ssh load": []}
+
+    def new_change(i: int) -> str:
+        ref = f"{repo}:{i}"
+        refs.append(ref)
+        ship_probe.build(builder, ref, deps_mb, f"VERSION = {i}")
+        return ref
+
+    try:
+        first = image_ship.ship(builder, nodes, [new_change(0)])  # the first release: untimed
+        size = int(builder.run(["docker", "image", "inspect", "-f", "{{.Size}}", refs[0]], echo=False).stdout)
+        for i in range(1, runs + 2):  # the first round is a warm-up
+            ref = new_change(i)
+            report = image_ship.ship(builder, nodes, [ref])
+            shipped = {
+                "bytes_per_node": [report.nodes[n].bytes_sent for n in nodes],
+                "layers_sent": [report.nodes[n].layers_sent for n in nodes],
+                "s": report.seconds,
+                "summary": report.summary(),
+            }
+            for runner in nodes.values():  # back to where the change found them
+                runner.run(["docker", "rmi", ref], echo=False)
+            relayed = {"bytes_per_node": [], "s": 0.0}
+            for node in nodes:
+                sent, seconds = ship_probe.relay(w, ref, node)
+                relayed["bytes_per_node"].append(sent)
+                relayed["s"] += seconds
+            for name, runner in nodes.items():
+                there = runner.run(["docker", "image", "inspect", "-f", "{{.Id}}", ref], echo=False, check=False)
+                if there.exited != 0:
+                    raise SystemExit(f"bench: {ref} is not on {name} after docker load")
+            if i > 1:
+                rows["image_ship"].append(shipped)
+                rows["save | ssh load"].append(relayed)
+    finally:
+        for runner in (builder, *nodes.values()):
+            runner.run(["sh", "-c", 'docker rmi "$@" >/dev/null 2>&1; true', "rmi", *refs], echo=False, check=False)
+            runner.conn.close()
+    med = statistics.median
+    out = {"image_bytes": size, "deps_mb": deps_mb, "first_release_bytes_per_node": first.nodes["swarm-2"].bytes_sent}
+    for name, recs in rows.items():
+        out[name] = {
+            "bytes_per_node": med(b for r in recs for b in r["bytes_per_node"]),
+            "s": med(r["s"] for r in recs),
+            "runs": recs,
+        }
+    t, h = out["image_ship"], out["save | ssh load"]
+    ratio = h["bytes_per_node"] / max(t["bytes_per_node"], 1)
+    out.update(bytes_ratio=ratio, seconds_ratio=h["s"] / t["s"], target_met=ratio >= 10)
+    print(f"\n{title}")
+    print(
+        f"  image {size / 2**20:.0f} MiB unpacked (the world's base, {deps_mb} MB of dependencies, one app line); "
+        f"builder swarm-1, nodes {', '.join(nodes)}"
+    )
+    print(f"  {'':<44} {'bytes to each node':>18} {'s (both nodes)':>15}")
+    print(f"  {'image_ship (the layers a node lacks)':<44} {t['bytes_per_node']:>18,.0f} {t['s']:>15.2f}")
+    print(f"  {'docker save | ssh NODE docker load, in turn':<44} {h['bytes_per_node']:>18,.0f} {h['s']:>15.2f}")
+    print(
+        f"  image_ship sends x{ratio:,.0f} fewer bytes and takes x{h['s'] / t['s']:.2f} less time; "
+        f"target >= 10x fewer bytes: {'met' if ratio >= 10 else 'NOT met'}"
+    )
+    return out
+
+
+def summary(results: dict) -> dict:
+    """The second edition's four numbers and the 64-host fan-out, from the rows that ran."""
+    lines, out = [], {}
+
+    def get(*keys):
+        d = results
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return None
+            d = d[k]
+        return d
+
+    roll = results.get("roll")
+    if roll:
+        parts = []
+        for name, label in (
+            ("stopfirst", "compose stop-first"),
+            ("startfirst", "compose start-first"),
+            ("swarm", "Swarm start-first"),
+        ):
+            r = roll.get(name)
+            if r is None:
+                continue
+            parts.append(
+                f"{label} not built"
+                if "not_built" in r
+                else f"{label} {r['failed_median']:g} failed (max {r['failed_max']}), gap {r['longest_gap_s']:.2f} s"
+            )
+        lines.append("outage: " + "; ".join(parts))
+    t = get("change", "cases", "deploy.py up -d (one-line change)")
+    h = get("change", "cases", "rsync -a + ssh compose up -d --build --wait")
+    if t and h:
+        lines.append(
+            f"time to ship a one-line change: {t['median']:.2f} s vs hand script {h['median']:.2f} s "
+            f"(x{t['median'] / h['median']:.2f}, target <= x1.10); dominated by {t.get('dominant_phase')}"
+        )
+    rb = get("rollback", "cases", "deploy.py rollback")
+    rd = get("rollback", "cases", "deploy.py up -d --build (previous commit)")
+    if rb and rd:
+        lines.append(
+            f"time to go back: rollback {rb['median']:.2f} s vs up -d --build of the previous commit "
+            f"{rd['median']:.2f} s (x{rb['median'] / rd['median']:.2f}); target health wait + 1 s = "
+            f"{results['rollback']['health_wait_plus_1s']:.2f} s"
+        )
+    ship = results.get("ship")
+    if ship and "not_built" not in ship:
+        t, h = ship["image_ship"], ship["save | ssh load"]
+        lines.append(
+            f"bytes to a cluster: {t['bytes_per_node']:,.0f} B a node in {t['s']:.2f} s "
+            f"vs {h['bytes_per_node']:,.0f} B in {h['s']:.2f} s (x{ship['bytes_ratio']:,.0f} fewer bytes)"
+        )
+    elif ship:
+        lines.append(f"bytes to a cluster: not built ({ship['not_built']})")
+    top = str(max(FANOUT))
+    f = get("fanout", top)
+    if f:
+        tool = f[f"deploy.py status ({top} hosts)"]
+        per16 = get("fanout", "16", "deploy.py status (16 hosts)", "tool_cpu_per_host_s")
+        lines.append(
+            f"fan-out at {top} hosts: status {tool['median']:.2f} s, {top} OpenSSH clients "
+            f"{f[f'parallel OpenSSH ({top} at once)']['median']:.2f} s, Ansible "
+            f"{f[f'ansible forks={top}']['median']:.2f} s; tool CPU {1000 * tool['tool_cpu_per_host_s']:.1f} ms a host "
+            f"(16 hosts: {1000 * (per16 or 0):.1f} ms)"
+        )
+    if lines:
+        print("\nSecond edition, what a team feels:")
+        for line in lines:
+            print(f"  {line}")
+    out["lines"] = lines
+    return out
+
+
+ROWS = ["latency", "fanout", "pull", "push", "redeploy", "connections", "rollback", "change", "lock", "roll", "ship"]
 
 
 def ensure_rsync() -> None:
@@ -1199,6 +1602,8 @@ def main() -> int:
         results["lock"] = bench_lock(hosts, args.runs)
     if "roll" in want:
         results["roll"] = bench_roll(w, args.runs)
+    if "ship" in want:
+        results["ship"] = bench_ship(w, args.runs)
     if want & {"rollback", "change"}:
         stacks = ReleaseStacks(w)
         results["releases_project"] = stacks.project
@@ -1206,11 +1611,13 @@ def main() -> int:
             if "rollback" in want:
                 results["rollback"] = bench_rollback(stacks, args.runs)
                 # Its stack is done: stop it so that it does not compete with the next row.
-                docker("compose", "-p", f"{stacks.project}-rb", "down", "--volumes", "--timeout", "2")
+                for env in ("rb", "rd"):
+                    docker("compose", "-p", f"{stacks.project}-{env}", "down", "--volumes", "--timeout", "2")
             if "change" in want:
                 results["change"] = bench_change(stacks, args.runs)
         finally:
             stacks.cleanup()
+    results["summary"] = summary(results)
     results["loadavg_end"] = os.getloadavg()
     print(
         "\nbench: load average at the end "
