@@ -39,25 +39,13 @@ from .ui import confirm
 # How long `up` waits for the stack to converge (every task running and healthy, or the
 # update and Swarm's rollback done) before it reports a failure.
 CONVERGE_TIMEOUT = 300.0
-
-
 POLL = 1.0
-
-
 # A service whose tasks fail this many times during one `up` has failed (a new service has
 # no update to roll back: Swarm would restart it forever).
 MAX_TASK_FAILURES = 3
-
-
 FAILED_LOG_LINES = 20
-
-
 STACK_DIR = "swarm"  # in the release directory on the manager: the stack file and its files
-
-
 STACK_FILE = "stack.json"
-
-
 BAD_TASK_STATES = ("failed", "rejected", "orphaned")
 
 
@@ -146,24 +134,21 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
     # 3. Every node that runs a service must be there and ready before anything changes.
     needed = [hs for hs in hosts if hs.name in plan.images]
     ready_nodes(hosts, manager, needed)
-    current = _deploy(hosts, plan, release, command)
+    if services:
+        manager.say(f"note: a stack is deployed whole; {', '.join(services)} only choose the logs followed")
+    _deploy(hosts, plan, release, command)
     manager.say(f"{env.compose_project}: release {release.id} converged and healthy; current is {release.id}")
     if not detach:
         _follow(manager, [s for s in config["services"] if not services or s in services])
-    del current
     return ExitStatus.OK
 
 
-def _deploy(hosts: list[HostSession], plan: Plan, release: rel.Release | None, command: str) -> str:
-    """Ship the images, put the stack file on the manager, deploy, wait for convergence,
-    switch `current`. Returns the release that was current before."""
+def _deploy(hosts: list[HostSession], plan: Plan, release: rel.Release, command: str) -> None:
+    """Ship the images, put the release and its stack file on the manager, deploy, wait
+    for convergence, switch `current`."""
     env, manager = plan.env, plan.manager
     _ship(hosts, plan)
-    if release is not None:
-        deployed_m = manager.sync(release)
-        release_dir = f"{deployed_m.env_dir}/releases/{release.id}"
-    else:
-        release_dir = f"{abs_env_dir(manager)}/releases/{plan.release_id}"
+    release_dir = f"{manager.sync(release).env_dir}/releases/{release.id}"
     stack_path = _put_stack(manager, release_dir, plan.stack)
     before = current_release(manager)
     started = time.time()
@@ -174,7 +159,6 @@ def _deploy(hosts: list[HostSession], plan: Plan, release: rel.Release | None, c
     manager.mark_up(plan.release_id, command, whole_stack=False)
     _release_everywhere(hosts, plan.release_id)
     _prune_configs(manager, plan.stack)
-    return before
 
 
 def _prune_configs(manager: HostSession, stack: swarm_stack.Stack) -> None:
@@ -454,6 +438,7 @@ def rollback(
     _converge(manager, plan, started, listing.current)
     manager.mark_up(release.id, f"rollback {release.id}", whole_stack=False)
     _release_everywhere(hosts, release.id)
+    _prune_configs(manager, stack)
     manager.say(f"{env.compose_project}: release {release.id} converged and healthy; current is {release.id}")
     release_ops._warn_about_migrations(manager, release, listing)
     return ExitStatus.OK
