@@ -334,8 +334,10 @@ CHECK_SCRIPT = EXPAND_DIR + (
 )
 
 
-def check(hosts: list[HostSession], out: IO[str] | None = None) -> ExitStatus:
-    """Connect to every host: host key, docker and compose versions, free disk."""
+def check(hosts: list[HostSession], out: IO[str] | None = None, compose_on: set[str] | None = None) -> ExitStatus:
+    """Connect to every host: host key, docker and compose versions, free disk. The compose
+    plugin is required on the hosts named in `compose_on` (default: all; on a swarm only
+    the builder runs compose)."""
     env = hosts[0].env
     out = out or hosts[0].out
 
@@ -353,7 +355,7 @@ def check(hosts: list[HostSession], out: IO[str] | None = None) -> ExitStatus:
         problems = []
         if not facts.get("docker", "")[:1].isdigit():
             problems.append(f"docker engine not usable: {facts.get('docker')}")
-        if not facts.get("compose", "").lstrip("v")[:1].isdigit():
+        if (compose_on is None or hs.name in compose_on) and not facts.get("compose", "").lstrip("v")[:1].isdigit():
             problems.append(f"docker compose v2 plugin not usable: {facts.get('compose')}")
         if free_gib < 1:
             problems.append(f"less than 1 GiB free at {where}")

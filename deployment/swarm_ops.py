@@ -38,7 +38,7 @@ def check(hosts: list[HostSession], out: IO[str] | None = None) -> ExitStatus:
     in the compose file."""
     env = hosts[0].env
     out = out or hosts[0].out
-    ops.check(hosts, out=out)
+    ops.check(hosts, out=out, compose_on={builder_session(hosts).name})
     if hosts[0].dry_run:
         return ExitStatus.OK
     infos = survey(hosts)
