@@ -136,7 +136,9 @@ def run_task(c, cmd: cli.Command, flags: list[_Flag], values: dict) -> int:
         args.dry_run = bool(c.config.run.dry)  # fab --dry / -R
         args.verbose = verbose
         env, host = resolve(host_arg, env_name)
-        return cli.run_command(cmd, args, env, io, hosts=(host,), fab_host=host_arg)
+        # A swarm is one cluster: -H names any of its nodes, and the command acts on the
+        # environment (through a manager), as `deploy ENV CMD` does.
+        return cli.run_command(cmd, args, env, io, hosts=None if env.swarm else (host,), fab_host=host_arg)
 
     return cli.guarded(body, io, lambda: verbose, prog="deploy")
 

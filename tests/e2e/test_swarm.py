@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, STATE, deploy, stack_variables, start_deploy
+from tests.conftest import REPO, STATE, deploy, fab, stack_variables, start_deploy
 from tests.e2e.test_rolling import Client, version
 
 pytestmark = [pytest.mark.xdist_group("swarm")]
@@ -380,12 +380,19 @@ def init_refuses_a_host_of_another_swarm_then_takes_it_back_once_it_left(swarm):
     assert sorted(n for n in nodes if n) == ["swarm-1 Ready", "swarm-2 Ready", "swarm-3 Ready"]
 
 
+def fab_status_on_any_node(swarm):
+    r = fab(swarm.hosts, "-H", "swarm-3", "status", "--json")
+    assert r.code == 0, r.text
+    assert json.loads(r.out)["manager"] == "swarm-1"
+
+
 # The steps share one swarm and one stack and build on each other, so they run in this
 # order in one test (xdist does not keep the order of a group's tests).
 STEPS = [
     init_forms_the_swarm_and_a_second_run_changes_nothing,
     up_d_builds_once_ships_to_the_app_nodes_and_places_by_role,
     status_json_logs_and_build,
+    fab_status_on_any_node,
     logs_follow_stops_on_ctrl_c,
     migrate_then_test_on_the_stacks_network,
     backup_and_restore_on_the_db_node,
