@@ -129,7 +129,10 @@ def _status_doc(hosts: list[HostSession], manager: HostSession) -> dict:
                     "desired": svc.replicas if svc.replicas is not None else len(svc.desired_tasks),
                 },
                 "image": svc.image,
-                "release": svc.image.rsplit(":", 1)[-1] if release and svc.image.endswith(":" + release) else None,
+                # The release whose image it runs (the tool tags built images <stack>-<service>:<release>).
+                "release": svc.image.rsplit(":", 1)[-1]
+                if svc.image.startswith(f"{stack}-") and ":" in svc.image
+                else None,
                 "update": svc.update_state or None,
                 "tasks": [
                     {
