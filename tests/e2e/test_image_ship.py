@@ -297,6 +297,14 @@ def test_an_interrupt_mid_fan_out_leaves_no_image_and_no_filter_running(world, c
             assert image_id(on[name], f"{swarm_tag}:1") is None
             assert holding(on[name], image.diff_ids[-1]) == []
         time.sleep(0.3)
-    # Neither the filter nor its docker save goes on (the bracket keeps pgrep off its own shell).
-    running = builder.run(["pgrep", "-af", f"{swarm_tag[:-1]}[{swarm_tag[-1]}]"], echo=False, check=False)
+    # Neither the filter nor its docker save goes on (the bracket keeps pgrep off its own
+    # shell). The filter learns that its reader is gone at its next write, which may wait
+    # for docker save's first bytes (the engine writes its whole archive first): seconds,
+    # more on a busy machine.
+    deadline = time.monotonic() + 120
+    while True:
+        running = builder.run(["pgrep", "-af", f"{swarm_tag[:-1]}[{swarm_tag[-1]}]"], echo=False, check=False)
+        if running.stdout == "" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert running.stdout == ""
