@@ -493,6 +493,9 @@ def bench_push(w, hosts, runs, mib):
     rss = []
 
     def tool():
+        # The tool's upload creates a new file (O_EXCL): the last run's copy goes first,
+        # untimed. (The hosts share this machine's filesystem.)
+        Path(remote).unlink(missing_ok=True)
         dt, kib = run_probe(["push", str(hosts), str(local), remote])
         rss.append(kib)
         return dt
