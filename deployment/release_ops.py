@@ -11,6 +11,7 @@ from . import release as rel
 from . import release_host as rh
 from .commands import Compose
 from .errors import DeployError, ExitStatus, RemoteError, UsageError
+from .inventory import Environment
 from .operations import explain_failed_start
 from .session import QUIET, HostSession, fan_out
 from .ui import confirm
@@ -85,8 +86,7 @@ def rollback(
     """Bring up the release before `current` (or `target`, an id or unique prefix) with its
     own images, on every host; `current` switches only once it is up and healthy."""
     env = hosts[0].env
-    if target is not None and (not target or not all(c in "0123456789abcdef" for c in target)):
-        raise UsageError(f"{target!r} is not a release id (hex digits; `deploy {env.name} releases` lists them)")
+    check_target(env, target)
     if hosts[0].dry_run:
         for hs in hosts:
             hs.runner.run(rh.list_argv(env.env_dir, env.compose_project))
@@ -134,6 +134,12 @@ def rollback(
 
     fan_out(hosts, step)
     return ExitStatus.OK
+
+
+def check_target(env: Environment, target: str | None) -> None:
+    """A rollback's RELEASE: an id or the start of one (hex digits), before any host."""
+    if target is not None and (not target or not all(c in "0123456789abcdef" for c in target)):
+        raise UsageError(f"{target!r} is not a release id (hex digits; `deploy {env.name} releases` lists them)")
 
 
 def _plan(hs: HostSession, target: str | None) -> tuple[rh.HostRelease, rh.HostListing]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from .commands import EXPAND_DIR
+
 # Node labels the tool owns: deploy.role.<role>=true for each role of the host (placement
 # constraints use them) and deploy.host=<inventory name> (which node is which host: every
 # engine may report the same host name).
@@ -76,6 +78,14 @@ def parse_info(text: str) -> EngineInfo:
         ssh_addr=ssh_addr,
         error=str(swarm.get("Error") or ""),
     )
+
+
+# The environment's directory on the host, absolute (its `~/` expanded, links resolved).
+ENV_DIR_SCRIPT = EXPAND_DIR + 'cd "$d" && pwd -P'
+
+
+def env_dir_argv(env_dir: str) -> list[str]:
+    return ["sh", "-c", ENV_DIR_SCRIPT, "deploy-env-dir", env_dir]
 
 
 def init_argv(advertise_addr: str) -> list[str]:

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from . import backup as bk
 from . import image_ship, placement, swarm_stack
 from . import operations as ops
 from . import release as rel
@@ -181,8 +180,8 @@ def _release_everywhere(hosts: list[HostSession], release_id: str) -> None:
 
 
 def abs_env_dir(hs: HostSession) -> str:
-    res = hs.runner.run(bk.resolve_dir_argv(hs.env.env_dir), echo=False, what="resolving the environment directory")
-    return res.stdout.strip().rsplit("/backups", 1)[0]
+    res = hs.runner.run(sc.env_dir_argv(hs.env.env_dir), echo=False, what="resolving the environment directory")
+    return res.stdout.strip()
 
 
 def current_release(manager: HostSession) -> str:
@@ -402,8 +401,7 @@ def rollback(
     from . import release_ops
 
     env = hosts[0].env
-    if target is not None and (not target or not all(c in "0123456789abcdef" for c in target)):
-        raise UsageError(f"{target!r} is not a release id (hex digits; `deploy {env.name} releases` lists them)")
+    release_ops.check_target(env, target)
     if hosts[0].dry_run:
         hosts[0].say(f"then: docker stack deploy of release {target or '<the one before current>'}'s stack file")
         return ExitStatus.OK
