@@ -28,6 +28,23 @@ def check_services(requested: list[str], known: list[str], compose_file: str) ->
     return list(dict.fromkeys(requested))
 
 
+def project_containers(project: str, fmt: str) -> list[str]:
+    """`docker ps` of a compose project's containers (one-off `run` containers excluded),
+    one line each as `fmt` says: cheaper than `docker compose ps`, no compose file needed."""
+    return [
+        "docker",
+        "ps",
+        "-a",
+        "--no-trunc",
+        "--filter",
+        f"label=com.docker.compose.project={project}",
+        "--filter",
+        "label=com.docker.compose.oneoff=False",
+        "--format",
+        fmt,
+    ]
+
+
 @dataclass(frozen=True)
 class Compose:
     """`docker compose` for one environment on one host."""
@@ -56,11 +73,12 @@ class Compose:
         no_build: bool = False,
         no_start: bool = False,
         no_deps: bool = False,
+        wait: bool = True,
     ) -> list[str]:
         argv = self.base() + ["up", "--remove-orphans"]
         if detach:
-            argv += ["--detach", "--wait"]
-            if wait_timeout:
+            argv += ["--detach", "--wait"] if wait else ["--detach"]
+            if wait and wait_timeout:
                 argv += ["--wait-timeout", str(int(wait_timeout))]
         if build:
             argv.append("--build")

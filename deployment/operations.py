@@ -19,10 +19,10 @@ from . import backup as bk
 from . import limits, placement, rolling
 from . import release as rel
 from . import release_host as rh
-from .commands import EXPAND_DIR, Compose, check_services
+from .commands import EXPAND_DIR, Compose, check_services, project_containers
 from .errors import DeployError, ExitStatus, HostKeyError, RemoteError, UsageError
 from .inventory import Environment
-from .runner import HostRunner, last_line
+from .runner import HostRunner, Result, last_line
 from .session import QUIET, HostSession, fan_out
 from .sync import deploy_record
 from .ui import confirm
@@ -95,12 +95,9 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
                 hs.mark_up(release.id, command, whole_stack=False)
             hs.runner.run(compose.up(start, detach=False, no_build=True, no_deps=no_deps), pty=True, what="compose up")
             return
-        for service, roll in rolls.items():
-            if service in mine:
-                rolling.roll(hs, compose, service, roll, deployed.current, release.id)
-        res = hs.runner.run(
-            compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False, what="compose up"
-        )
+        here = {service: spec for service, spec in rolls.items() if service in mine}
+        rolled = rolling.roll(hs, compose, here, deployed.current, release.id)
+        res = _up_detached(hs, compose, start, no_deps, mine, rolled)
         if res.exited != 0:
             explain_failed_start(hs, compose, res, deployed.current)
         if hs.dry_run:
@@ -111,6 +108,49 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
 
     fan_out(hosts, step)
     return ExitStatus.OK
+
+
+# A "<service> <state> <status>" line per container ("Up 3 seconds (healthy)").
+READY_FORMAT = '{{.Label "com.docker.compose.service"}} {{.State}} {{.Status}}'
+
+
+def all_ready(text: str, services: Sequence[str]) -> bool:
+    """Every one of `services` has a container, and each of its containers runs and is
+    healthy or has no healthcheck (what `compose up --wait` waits for)."""
+    seen: dict[str, bool] = {}
+    for line in text.splitlines():
+        parts = line.split(maxsplit=2)
+        if len(parts) < 2 or parts[0] not in services:
+            continue
+        status = parts[2] if len(parts) == 3 else ""
+        ready = parts[1] == "running" and "(health: starting)" not in status and "(unhealthy)" not in status
+        seen[parts[0]] = seen.get(parts[0], True) and ready
+    return all(seen.get(s, False) for s in services)
+
+
+def _up_detached(
+    hs: HostSession, compose: Compose, start: list[str], no_deps: bool, mine: list[str], rolled: list[str]
+) -> Result:
+    """`compose up --detach --wait`, quicker after a start-first roll.
+
+    The rolled services are healthy already and the rest usually unchanged, yet compose
+    would spend a second on them: --wait polls twice a second, and starting a service
+    whose depends_on asks for a healthy dependency waits one more tick. So after a roll:
+    `compose up --detach --no-deps` of the services that did not roll (creating, changing
+    or starting whatever they need; the rolled ones are not touched again), then one look,
+    and if every service of this host runs and is healthy, that is the answer. If not,
+    `compose up --wait` (changing nothing compose has just done) waits as always."""
+    rest = [s for s in (start or mine) if s not in rolled]
+    if rolled and rest and not hs.dry_run:
+        res = hs.runner.run(
+            compose.up(rest, detach=True, wait=False, no_build=True, no_deps=True), check=False, what="compose up"
+        )
+        if res.exited != 0:
+            return res
+        look = hs.runner.run(project_containers(compose.project, READY_FORMAT), echo=False, check=False)
+        if look.exited == 0 and all_ready(look.stdout, mine):
+            return res
+    return hs.runner.run(compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False, what="compose up")
 
 
 def explain_failed_start(hs: HostSession, compose: Compose, res, current: str | None = None) -> None:

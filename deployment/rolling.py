@@ -1,30 +1,36 @@
-"""A start-first roll of one service on one host (`deploy.update_config.order:
-start-first`, checked by rollout.py): new containers of the new release start beside the
-old ones, and only once they are healthy (and stayed so for `monitor`) are the old ones
-stopped gracefully and removed, `parallelism` at a time with `delay` between batches.
+"""Start-first rolls on one host (`deploy.update_config.order: start-first`, checked by
+rollout.py): new containers of the new release start beside the old ones, and only once
+they are healthy (and stayed so for `monitor`) are the old ones stopped gracefully and
+removed, `parallelism` at a time with `delay` between batches.
 
-Docker's DNS names every container of the service, so a reverse proxy that resolves the
+The start-first services of one `up -d` roll together, in rounds: round n starts batch n
+of every service that has one (one compose command), waits until all of them are healthy
+(one `docker inspect` a poll), then retires their old containers (stopped in parallel).
+One service after the other would add a whole health wait per service to every deploy;
+a round costs the slowest service's wait. A round is all or nothing: if a new container
+of any service fails, every new container of the round is removed (the failed service's
+are kept if its `failure_action` is `pause`) and the old ones keep serving.
+
+Docker's DNS names every container of a service, so a reverse proxy that resolves the
 service name per request and retries a refused connection sends requests to whichever
 containers listen; an old container that is stopping refuses new connections and
 finishes those in flight within its stop grace period.
 
-If a new container does not become healthy (or stops being healthy during `monitor`),
-`failure_action: rollback` removes the new containers and the old ones keep serving;
-`pause` leaves both and says so. An interrupt (Ctrl+C, SIGTERM) removes the new
-containers of the batch under way, or finishes retiring the old ones if the new ones
-already took over: one complete set keeps serving, never a stray container.
+An interrupt (Ctrl+C, SIGTERM) removes the new containers of the round under way, or
+finishes retiring the old ones if the new ones already took over: one complete set keeps
+serving, never a stray container.
 
-The argv builders are pure; `Roll.run` executes them over the host's runner.
+The argv builders are pure; `Rolls.run` executes them over the host's runner.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import placement, rollout
-from .commands import Compose
+from .commands import Compose, project_containers
 from .errors import RemoteError, StepInterrupted, deferred_interrupts, shielded_from_interrupts
 from .inventory import Environment
 from .release import Release
@@ -33,29 +39,55 @@ from .rollout import UpdateConfig
 if TYPE_CHECKING:
     from .session import HostSession
 
-POLL_SECONDS = 0.5
+# Between two looks at the new containers' health: how late a healthy container is seen.
+POLL_SECONDS = 0.25
 LOG_LINES = 30
 
-# $1 service, $2 project, then the compose base argv: "want <config hash>" and a "have <id>
-# <config hash> <state>" line per container of the service (one-off containers excluded).
-PLAN_SCRIPT = (
-    'svc=$1; proj=$2; shift 2; cd / && echo "want $("$@" config --hash "$svc" | awk "{print \\$2}")"; '
-    'docker ps -a --no-trunc --filter "label=com.docker.compose.project=$proj" '
-    '--filter "label=com.docker.compose.service=$svc" --filter "label=com.docker.compose.oneoff=False" '
-    '--format "have {{.ID}} {{.Label \\"com.docker.compose.config-hash\\"}} {{.State}}"'
+# A "have <service> <id> <config hash> <state>" line per container of the project (one-off
+# containers excluded); docker ps ANDs label filters, so the services are picked here.
+HAVE_FORMAT = (
+    'have {{.Label "com.docker.compose.service"}} {{.ID}} {{.Label "com.docker.compose.config-hash"}} {{.State}}'
 )
 
-# $1 grace seconds, then container ids: each stopped (SIGTERM, then SIGKILL after the
-# grace period) and removed, one after the other.
-RETIRE_SCRIPT = 'g=$1; shift; for c in "$@"; do docker stop -t "$g" "$c" >/dev/null && docker rm "$c" >/dev/null; done'
+# $1 services (comma-separated), $2 project, $3 HAVE_FORMAT, then the compose base argv:
+# a "want <service> <config hash>" line per service, then the containers as HAVE_FORMAT.
+PLAN_SCRIPT = (
+    'svcs=$1; proj=$2; fmt=$3; shift 3; cd / && { "$@" config --hash "$svcs" | sed "s/^/want /"; }; '
+    'docker ps -a --no-trunc --filter "label=com.docker.compose.project=$proj" '
+    '--filter "label=com.docker.compose.oneoff=False" --format "$fmt"'
+)
+
+# Pairs of (grace seconds, container id): each container stopped (SIGTERM, then SIGKILL
+# after its grace period) and removed, all at once; fails if any of them failed.
+RETIRE_SCRIPT = (
+    'pids=; while [ "$#" -ge 2 ]; do '
+    '(docker stop -t "$1" "$2" >/dev/null && docker rm "$2" >/dev/null) & pids="$pids $!"; shift 2; done; '
+    "rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc"
+)
 
 
-def plan_argv(compose: Compose, service: str) -> list[str]:
-    return ["sh", "-c", PLAN_SCRIPT, "deploy-roll-plan", service, compose.project, *compose.base()]
+def plan_argv(compose: Compose, services: list[str]) -> list[str]:
+    return [
+        "sh",
+        "-c",
+        PLAN_SCRIPT,
+        "deploy-roll-plan",
+        ",".join(services),
+        compose.project,
+        HAVE_FORMAT,
+        *compose.base(),
+    ]
 
 
-def scale_argv(compose: Compose, service: str, total: int) -> list[str]:
-    """Start new containers (of the current config) beside the existing ones, untouched."""
+def list_argv(project: str) -> list[str]:
+    """The project's containers as HAVE_FORMAT lines (no config hashes wanted)."""
+    return project_containers(project, HAVE_FORMAT)
+
+
+def scale_argv(compose: Compose, totals: dict[str, int]) -> list[str]:
+    """Start new containers (of the current config) beside the existing ones, untouched:
+    `totals` is each service's container count afterwards."""
+    scales = [arg for service, total in totals.items() for arg in ("--scale", f"{service}={int(total)}")]
     return [
         *compose.base(),
         "up",
@@ -63,10 +95,9 @@ def scale_argv(compose: Compose, service: str, total: int) -> list[str]:
         "--no-deps",
         "--no-recreate",
         "--no-build",
-        "--scale",
-        f"{service}={int(total)}",
+        *scales,
         "--",
-        service,
+        *totals,
     ]
 
 
@@ -81,8 +112,10 @@ def health_argv(ids: list[str]) -> list[str]:
     ]
 
 
-def retire_argv(ids: list[str], grace: float) -> list[str]:
-    return ["sh", "-c", RETIRE_SCRIPT, "deploy-retire", str(int(grace)), *ids]
+def retire_argv(graces: dict[str, float]) -> list[str]:
+    """`graces`: container id -> its service's stop grace period, seconds."""
+    pairs = [arg for cid, grace in graces.items() for arg in (str(int(grace)), cid)]
+    return ["sh", "-c", RETIRE_SCRIPT, "deploy-retire", *pairs]
 
 
 def remove_argv(ids: list[str]) -> list[str]:
@@ -92,7 +125,7 @@ def remove_argv(ids: list[str]) -> list[str]:
 @dataclass
 class Plan:
     want: str
-    have: list[tuple[str, str, str]]  # (id, config hash, state)
+    have: list[tuple[str, str, str]] = field(default_factory=list)  # (id, config hash, state)
 
     @property
     def outdated(self) -> list[str]:
@@ -104,17 +137,18 @@ class Plan:
         return bool(self.want) and any(h != self.want and state == "running" for _, h, state in self.have)
 
 
-def parse_plan(text: str) -> Plan:
-    want, have = "", []
+def parse_plans(text: str, services: list[str]) -> dict[str, Plan]:
+    """The plan of each of `services` from PLAN_SCRIPT's output (or list_argv's, which has
+    no "want" lines)."""
+    plans = {s: Plan("") for s in services}
     for line in text.splitlines():
         kind, _, rest = line.partition(" ")
-        if kind == "want":
-            want = rest.strip()
-        elif kind == "have":
-            parts = rest.split()
-            if len(parts) == 3:
-                have.append((parts[0], parts[1], parts[2]))
-    return Plan(want, have)
+        parts = rest.split()
+        if kind == "want" and len(parts) == 2 and parts[0] in plans:
+            plans[parts[0]].want = parts[1]
+        elif kind == "have" and len(parts) == 4 and parts[0] in plans:
+            plans[parts[0]].have.append((parts[1], parts[2], parts[3]))
+    return plans
 
 
 def parse_health(text: str) -> dict[str, tuple[str, str]]:
@@ -130,137 +164,6 @@ class RollFailed(RemoteError):
     pass
 
 
-@dataclass
-class Roll:
-    hs: HostSession
-    compose: Compose
-    service: str
-    config: UpdateConfig
-    grace: float  # the service's stop_grace_period, seconds
-    current: str  # the release that runs now, for the messages
-    wait_limit: float  # how long a new container may take to become healthy
-    release: str = "?"  # the release being rolled out, for the messages
-
-    def plan(self) -> Plan:
-        res = self.hs.runner.run(plan_argv(self.compose, self.service), echo=False, what="planning the roll")
-        return parse_plan(res.stdout)
-
-    def run(self, plan: Plan) -> None:
-        old = plan.outdated
-        keep = [cid for cid, h, _ in plan.have if h == plan.want]  # already new (an earlier roll)
-        batch_size = self.config.parallelism or len(old)
-        self.hs.say(
-            f"{self.service}: rolling start-first: {len(old)} old container(s), {batch_size} at a time"
-            + (f", {self.config.delay:g} s apart" if self.config.delay else "")
-        )
-        batches = [old[i : i + batch_size] for i in range(0, len(old), batch_size)]
-        for n, batch in enumerate(batches):
-            if n and self.config.delay:
-                time.sleep(self.config.delay)
-            existing = old[sum(len(b) for b in batches[:n]) :] + keep
-            new = self._start(existing, len(batch))
-            self._wait_healthy(new, batch)
-            self._retire(batch, new)
-            keep += new
-        self.hs.say(f"{self.service}: rolled; {len(keep)} new container(s) serving")
-
-    def _start(self, existing: list[str], count: int) -> list[str]:
-        """Start `count` new containers; returns their ids."""
-        total = len(existing) + count
-        with deferred_interrupts() as held:
-            self.hs.runner.run(
-                scale_argv(self.compose, self.service, total), echo=False, what="starting new containers"
-            )
-            new = [cid for cid, _, _ in self.plan().have if cid not in existing]
-            try:
-                held.check()
-            except KeyboardInterrupt as exc:
-                self._interrupted(exc, new)
-        if len(new) != count:
-            self._remove(new)
-            raise RollFailed(f"{self.hs.name}: {self.service}: expected {count} new container(s), found {len(new)}")
-        return new
-
-    def _wait_healthy(self, new: list[str], old: list[str]) -> None:
-        """Wait until every new container is healthy, then for `monitor`; a failure
-        rolls back or pauses as configured."""
-        started = time.monotonic()
-        healthy_since: float | None = None
-        try:
-            while True:
-                states = parse_health(self.hs.runner.run(health_argv(new), echo=False, check=False).stdout)
-                bad = [
-                    cid
-                    for cid in new
-                    if cid not in states or states[cid][0] in ("exited", "dead") or states[cid][1] == "unhealthy"
-                ]
-                if bad:
-                    self._failed(new, old, bad[0], states.get(bad[0], ("gone", "-")))
-                if all(states[cid] == ("running", "healthy") for cid in new):
-                    healthy_since = healthy_since or time.monotonic()
-                    if time.monotonic() - healthy_since >= self.config.monitor:
-                        return
-                elif healthy_since is not None:
-                    healthy_since = None
-                if time.monotonic() - started > self.wait_limit + self.config.monitor:
-                    self._failed(new, old, new[0], states.get(new[0], ("?", "?")), timed_out=True)
-                time.sleep(POLL_SECONDS)
-        except KeyboardInterrupt as exc:
-            self._interrupted(exc, new)
-
-    def _retire(self, old: list[str], new: list[str]) -> None:
-        """The new containers serve: stop the old ones gracefully and remove them. Not cut
-        short by an interrupt: half-retired is not a state to leave."""
-        with deferred_interrupts() as held:
-            self.hs.runner.run(retire_argv(old, self.grace), echo=False, what="retiring the old containers")
-            try:
-                held.check()
-            except KeyboardInterrupt as exc:
-                raise StepInterrupted(
-                    exc,
-                    f"the roll of {self.service} was stopped once its new container(s) had taken over: the old "
-                    f"ones were retired and the new ones (release {self.release}) serve",
-                ) from None
-
-    def _remove(self, ids: list[str]) -> None:
-        if ids:
-            self.hs.runner.run(remove_argv(ids), echo=False, check=False, what="removing the new containers")
-
-    def _failed(self, new: list[str], old: list[str], cid: str, state: tuple[str, str], timed_out: bool = False):
-        self.hs.say(
-            f"--- {self.service}: new container {cid[:12]} {state[0]} ({state[1]}); last {LOG_LINES} log lines:"
-        )
-        self.hs.runner.run(["docker", "logs", "--tail", str(LOG_LINES), cid], check=False, what="logs")
-        if timed_out:
-            why = "did not become healthy in time"
-        elif state[0] in ("running", "created", "restarting"):
-            why = f"is {state[1]}"
-        else:
-            why = state[0]  # exited, dead, or gone
-        if self.config.failure_action == "pause":
-            raise RollFailed(
-                f"{self.hs.name}: {self.service}: a new container {why}; paused (failure_action: pause): "
-                f"the new container(s) are left as they are beside the {len(old)} old one(s), which keep serving; "
-                f"current is still release {self.current}",
-                hint="fix the release and run up -d again (it rolls again), or roll back",
-            )
-        self._remove(new)
-        raise RollFailed(
-            f"{self.hs.name}: {self.service}: a new container {why}; rolled back: it was removed and the "
-            f"{len(old)} old container(s) keep serving; current is still release {self.current}",
-            hint="its last log lines are shown above",
-        )
-
-    def _interrupted(self, exc: KeyboardInterrupt, new: list[str]) -> None:
-        with shielded_from_interrupts(lambda: None):
-            self._remove(new)
-        raise StepInterrupted(
-            exc,
-            f"the roll of {self.service} was stopped: its new container(s) were removed; the old ones "
-            f"(release {self.current}) keep serving",
-        ) from None
-
-
 @dataclass(frozen=True)
 class RollSpec:
     """What a start-first service's roll needs from its compose definition."""
@@ -268,6 +171,180 @@ class RollSpec:
     config: UpdateConfig
     grace: float  # stop_grace_period (compose's default: 10 s)
     wait_limit: float  # the longest its healthcheck can take to say healthy or unhealthy
+
+
+def _names(services) -> str:
+    return ", ".join(services)
+
+
+@dataclass
+class Rolls:
+    """The start-first rolls of one `up -d` on one host."""
+
+    hs: HostSession
+    compose: Compose
+    specs: dict[str, RollSpec]
+    current: str  # the release that runs now, for the messages
+    release: str = "?"  # the release being rolled out, for the messages
+
+    def plan(self) -> dict[str, Plan]:
+        res = self.hs.runner.run(plan_argv(self.compose, list(self.specs)), echo=False, what="planning the roll")
+        return parse_plans(res.stdout, list(self.specs))
+
+    def containers(self) -> dict[str, list[str]]:
+        """Each rolled service's container ids, as they are now."""
+        res = self.hs.runner.run(list_argv(self.compose.project), echo=False, what="listing containers")
+        return {s: [cid for cid, _, _ in p.have] for s, p in parse_plans(res.stdout, list(self.specs)).items()}
+
+    def run(self, plans: dict[str, Plan]) -> None:
+        rolling = {s: p for s, p in plans.items() if p.needs_roll()}
+        old = {s: p.outdated for s, p in rolling.items()}
+        keep = {s: [cid for cid, h, _ in p.have if h == p.want] for s, p in rolling.items()}  # an earlier roll's
+        batches: dict[str, list[list[str]]] = {}
+        for s, ids in old.items():
+            cfg = self.specs[s].config
+            size = cfg.parallelism or len(ids)
+            batches[s] = [ids[i : i + size] for i in range(0, len(ids), size)]
+            self.hs.say(
+                f"{s}: rolling start-first: {len(ids)} old container(s), {size} at a time"
+                + (f", {cfg.delay:g} s apart" if cfg.delay else "")
+            )
+        for n in range(max(len(b) for b in batches.values())):
+            members = [s for s in batches if n < len(batches[s])]
+            delay = max(self.specs[s].config.delay for s in members) if n else 0
+            if delay:
+                time.sleep(delay)
+            batch = {s: batches[s][n] for s in members}
+            existing = {s: [cid for b in batches[s][n:] for cid in b] + keep[s] for s in members}
+            new = self._start(existing, {s: len(ids) for s, ids in batch.items()})
+            self._wait_healthy(new, batch)
+            self._retire(batch, new)
+            for s in members:
+                keep[s] += new[s]
+        for s in rolling:
+            self.hs.say(f"{s}: rolled; {len(keep[s])} new container(s) serving")
+
+    def _start(self, existing: dict[str, list[str]], counts: dict[str, int]) -> dict[str, list[str]]:
+        """Start counts[s] new containers of each service s; returns their ids."""
+        totals = {s: len(existing[s]) + counts[s] for s in counts}
+        with deferred_interrupts() as held:
+            self.hs.runner.run(scale_argv(self.compose, totals), echo=False, what="starting new containers")
+            now = self.containers()
+            new = {s: [cid for cid in now[s] if cid not in existing[s]] for s in counts}
+            try:
+                held.check()
+            except KeyboardInterrupt as exc:
+                self._interrupted(exc, new)
+        wrong = [s for s in counts if len(new[s]) != counts[s]]
+        if wrong:
+            self._remove([cid for ids in new.values() for cid in ids])
+            s = wrong[0]
+            raise RollFailed(f"{self.hs.name}: {s}: expected {counts[s]} new container(s), found {len(new[s])}")
+        return new
+
+    def _wait_healthy(self, new: dict[str, list[str]], old: dict[str, list[str]]) -> None:
+        """Wait until every new container is healthy, then for its service's `monitor`; a
+        failure stops the round (see _failed)."""
+        started = time.monotonic()
+        healthy_since: dict[str, float] = {}
+        waiting = set(new)
+        every = [cid for ids in new.values() for cid in ids]
+        try:
+            while waiting:
+                states = parse_health(self.hs.runner.run(health_argv(every), echo=False, check=False).stdout)
+                now = time.monotonic()
+                for s in [s for s in new if s in waiting]:
+                    spec = self.specs[s]
+                    bad = [
+                        cid
+                        for cid in new[s]
+                        if cid not in states or states[cid][0] in ("exited", "dead") or states[cid][1] == "unhealthy"
+                    ]
+                    if bad:
+                        self._failed(s, new, old, bad[0], states.get(bad[0], ("gone", "-")))
+                    if all(states[cid] == ("running", "healthy") for cid in new[s]):
+                        since = healthy_since.setdefault(s, now)
+                        if now - since >= spec.config.monitor:
+                            waiting.discard(s)
+                    else:
+                        healthy_since.pop(s, None)
+                    if s in waiting and now - started > spec.wait_limit + spec.config.monitor:
+                        self._failed(s, new, old, new[s][0], states.get(new[s][0], ("?", "?")), timed_out=True)
+                if waiting:
+                    time.sleep(POLL_SECONDS)
+        except KeyboardInterrupt as exc:
+            self._interrupted(exc, new)
+
+    def _retire(self, old: dict[str, list[str]], new: dict[str, list[str]]) -> None:
+        """The new containers serve: stop the old ones gracefully and remove them. Not cut
+        short by an interrupt: half-retired is not a state to leave."""
+        graces = {cid: self.specs[s].grace for s, ids in old.items() for cid in ids}
+        with deferred_interrupts() as held:
+            self.hs.runner.run(retire_argv(graces), echo=False, what="retiring the old containers")
+            try:
+                held.check()
+            except KeyboardInterrupt as exc:
+                raise StepInterrupted(
+                    exc,
+                    f"the roll of {_names(old)} was stopped once its new container(s) had taken over: the old "
+                    f"ones were retired and the new ones (release {self.release}) serve",
+                ) from None
+
+    def _remove(self, ids: list[str]) -> None:
+        if ids:
+            self.hs.runner.run(remove_argv(ids), echo=False, check=False, what="removing the new containers")
+
+    def _failed(
+        self,
+        service: str,
+        new: dict[str, list[str]],
+        old: dict[str, list[str]],
+        cid: str,
+        state: tuple[str, str],
+        timed_out: bool = False,
+    ):
+        self.hs.say(f"--- {service}: new container {cid[:12]} {state[0]} ({state[1]}); last {LOG_LINES} log lines:")
+        self.hs.runner.run(["docker", "logs", "--tail", str(LOG_LINES), cid], check=False, what="logs")
+        if timed_out:
+            why = "did not become healthy in time"
+        elif state[0] in ("running", "created", "restarting"):
+            why = f"is {state[1]}"
+        else:
+            why = state[0]  # exited, dead, or gone
+        pause = self.specs[service].config.failure_action == "pause"
+        # The other services of the round did not fail, but the round is all or nothing.
+        others = [s for s in new if s != service]
+        self._remove([c for s in others for c in new[s]] + ([] if pause else new[service]))
+        also = (
+            f"; the roll of {_names(others)} was stopped too: its new container(s) were removed, the old ones "
+            "keep serving"
+            if others
+            else ""
+        )
+        n_old = len(old[service])
+        if pause:
+            raise RollFailed(
+                f"{self.hs.name}: {service}: a new container {why}; paused (failure_action: pause): "
+                f"the new container(s) are left as they are beside the {n_old} old one(s), which keep serving"
+                f"{also}; current is still release {self.current}",
+                hint="fix the release and run up -d again (it rolls again), or roll back",
+            )
+        raise RollFailed(
+            f"{self.hs.name}: {service}: a new container {why}; rolled back: it was removed and the "
+            f"{n_old} old container(s) keep serving{also}; current is still release {self.current}",
+            hint="its last log lines are shown above",
+        )
+
+    def _interrupted(self, exc: KeyboardInterrupt, new: dict[str, list[str]]) -> None:
+        with shielded_from_interrupts(lambda: None):
+            self._remove([cid for ids in new.values() for cid in ids])
+        first, *others = new
+        also = f", as was the roll of {_names(others)}" if others else ""
+        raise StepInterrupted(
+            exc,
+            f"the roll of {first} was stopped{also}: the new container(s) were removed; the old ones "
+            f"(release {self.current}) keep serving",
+        ) from None
 
 
 def plan_rolls(env: Environment, compose: dict, release: Release) -> dict[str, RollSpec]:
@@ -291,16 +368,22 @@ def plan_rolls(env: Environment, compose: dict, release: Release) -> dict[str, R
     return out
 
 
-def roll(hs: HostSession, compose: Compose, service: str, spec: RollSpec, current: str, release: str) -> None:
-    """Roll the service on this host if containers of another configuration run."""
+def roll(hs: HostSession, compose: Compose, specs: dict[str, RollSpec], current: str, release: str) -> list[str]:
+    """Roll those of the services (`specs`, in the compose file's order) that run here
+    with another configuration, together; returns the services rolled."""
+    if not specs:
+        return []
     if hs.dry_run:
-        hs.say(
-            f"then, if {service} runs with another configuration: start new containers beside the old "
-            f"({compose.project} --scale, --no-recreate), wait until healthy, retire the old (docker stop -t "
-            f"{spec.grace:g}, rm)"
-        )
-        return
-    r = Roll(hs, compose, service, spec.config, spec.grace, current or "(none)", spec.wait_limit, release)
-    plan = r.plan()
-    if plan.needs_roll():
-        r.run(plan)
+        for service, spec in specs.items():
+            hs.say(
+                f"then, if {service} runs with another configuration: start new containers beside the old "
+                f"({compose.project} --scale, --no-recreate), wait until healthy, retire the old (docker stop -t "
+                f"{spec.grace:g}, rm)"
+            )
+        return []
+    rolls = Rolls(hs, compose, specs, current or "(none)", release)
+    plans = rolls.plan()
+    rolled = [s for s, p in plans.items() if p.needs_roll()]
+    if rolled:
+        rolls.run(plans)
+    return rolled

@@ -88,19 +88,69 @@ def test_a_container_port_alone_and_stop_first_services_are_fine():
 
 
 def test_the_plan_rolls_only_when_a_container_of_another_configuration_runs():
-    plan = rolling.parse_plan("want abc\nhave 111 abc running\n")
-    assert not plan.needs_roll()
-    plan = rolling.parse_plan("want abc\nhave 111 old running\nhave 222 abc running\n")
-    assert plan.needs_roll() and plan.outdated == ["111"]
-    assert not rolling.parse_plan("want abc\n").needs_roll()  # nothing runs: compose creates it
-    assert not rolling.parse_plan("want \nhave 111 old running\n").needs_roll()  # no hash: never guess
+    def plan(text):
+        return rolling.parse_plans(text, ["web"])["web"]
+
+    p = plan("want web abc\nhave web 111 abc running\n")
+    assert not p.needs_roll()
+    p = plan("want web abc\nhave web 111 old running\nhave web 222 abc running\n")
+    assert p.needs_roll() and p.outdated == ["111"]
+    assert not plan("want web abc\n").needs_roll()  # nothing runs: compose creates it
+    assert not plan("have web 111 old running\n").needs_roll()  # no hash: never guess
+
+
+def test_one_plan_covers_several_services_and_ignores_the_others():
+    text = (
+        "want web abc\nwant worker def\n"
+        "have web 1 old running\nhave worker 2 def running\nhave db 3 x running\nhave proxy 4 y exited\n"
+    )
+    plans = rolling.parse_plans(text, ["web", "worker"])
+    assert list(plans) == ["web", "worker"]
+    assert plans["web"].needs_roll() and not plans["worker"].needs_roll()
+    assert [cid for cid, _, _ in plans["worker"].have] == ["2"]
 
 
 def test_the_commands_are_argv_lists_with_values_after_the_script():
     from deployment.commands import Compose
 
     c = Compose("shop-dev", "/srv/c.yml")
-    assert rolling.scale_argv(c, "web", 2)[-4:] == ["--scale", "web=2", "--", "web"]
-    argv = rolling.retire_argv(["a1", "b2"], 10.7)
-    assert argv[:2] == ["sh", "-c"] and argv[-3:] == ["10", "a1", "b2"]
-    assert rolling.plan_argv(c, "web")[4:6] == ["web", "shop-dev"]
+    argv = rolling.scale_argv(c, {"web": 2, "worker": 3})
+    assert argv[-7:] == ["--scale", "web=2", "--scale", "worker=3", "--", "web", "worker"]
+    argv = rolling.retire_argv({"a1": 10.7, "b2": 3})
+    assert argv[:2] == ["sh", "-c"] and argv[-4:] == ["10", "a1", "3", "b2"]
+    argv = rolling.plan_argv(c, ["web", "worker"])
+    assert argv[4:7] == ["web,worker", "shop-dev", rolling.HAVE_FORMAT] and argv[7:] == c.base()
+    assert rolling.list_argv("shop-dev")[-1] == rolling.HAVE_FORMAT
+
+
+def test_the_retire_script_stops_and_removes_every_container_and_fails_if_one_failed(tmp_path):
+    """Under a real sh, with a `docker` that logs its arguments (and cannot stop "bad")."""
+    import os
+    import subprocess
+
+    log = tmp_path / "log"
+    fake = tmp_path / "docker"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *bad*) exit 1 ;; esac\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    ok = subprocess.run(rolling.retire_argv({"a1": 10, "b2": 3}), env=env)
+    assert ok.returncode == 0
+    assert sorted(log.read_text().splitlines()) == ["rm a1", "rm b2", "stop -t 10 a1", "stop -t 3 b2"]
+    log.unlink()
+    failed = subprocess.run(rolling.retire_argv({"bad": 10, "c3": 1}), env=env)
+    assert failed.returncode == 1
+    assert sorted(log.read_text().splitlines()) == ["rm c3", "stop -t 1 c3", "stop -t 10 bad"]
+
+
+def test_after_a_roll_compose_up_skips_its_wait_only_when_every_service_is_running_and_healthy():
+    from deployment.operations import all_ready
+
+    ok = "web running Up 3 seconds (healthy)\nworker running Up 1 second (healthy)\ndb running Up 2 hours\n"
+    assert all_ready(ok, ["web", "worker", "db"])
+    assert all_ready(ok + "other exited Exited (0) 1 hour ago\n", ["web", "db"])  # not asked about
+    assert not all_ready(ok, ["web", "worker", "db", "proxy"])  # no container at all
+    assert not all_ready(ok + "web running Up 1 second (health: starting)\n", ["web"])
+    assert not all_ready("web running Up 9 seconds (unhealthy)\n", ["web"])
+    assert not all_ready("db restarting Restarting (1) 2 seconds ago\n", ["db"])
+    assert not all_ready("db created Created\n", ["db"])
+    assert not all_ready("", ["web"])

@@ -191,6 +191,43 @@ def test_known_hosts_named_by_ssh_config_are_read_the_same_way_and_its_settings_
     assert conn.connect_kwargs["key_filename"] == ["/keys/id_test"]
 
 
+def test_files_are_read_once_for_many_connections_and_again_once_changed(tmp_path, monkeypatch):
+    """64 hosts of one invocation: one parse of each file; every connection still gets the
+    warnings; a changed file (a new key, an edited ssh_config) is read again."""
+    path = write(tmp_path, ["garbage", f"{NAME} {GOOD}"])
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host dev\n  HostName 127.0.0.11\n  Port 2222\n  UserKnownHostsFile {path}\n")
+    reads: list[str] = []
+
+    def counted(name):
+        real = getattr(ssh, name)
+
+        def read(p, *args):
+            if p.exists():  # not the absent system file (see no_system_file), looked for every time
+                reads.append(name)
+            return real(p, *args)
+
+        return read
+
+    for name in ("read_known_hosts", "read_ssh_config"):
+        monkeypatch.setattr(ssh, name, counted(name))
+    policy = ssh.SSHPolicy(ssh_config=cfg)
+    for _ in range(3):
+        warnings: list[str] = []
+        conn = ssh.connection(Host("dev"), policy, warn=warnings.append)
+        assert len(warnings) == 1 and warnings[0].startswith(f"{path}:1: line ignored")
+        assert conn.client._system_host_keys.check(NAME, pkey(GOOD)) and conn.port == 2222
+    assert reads == ["read_ssh_config", "read_known_hosts"]
+    write(tmp_path, [f"{NAME} {OTHER}"])  # the same file, a new key
+    cfg.write_text(cfg.read_text().replace("2222", "2223"))
+    conn = ssh.connection(Host("dev"), policy, warn=warnings.append)
+    assert conn.port == 2223
+    assert conn.client._system_host_keys.check("[127.0.0.11]:2223", pkey(OTHER)) is False  # names port 2222
+    assert conn.client._system_host_keys.check(NAME, pkey(OTHER))
+    assert not conn.client._system_host_keys.check(NAME, pkey(GOOD))
+    assert reads == ["read_ssh_config", "read_known_hosts"] * 2
+
+
 # --- ssh_config ---------------------------------------------------------------------------
 
 USE = ": its settings for dev cannot be used: "
