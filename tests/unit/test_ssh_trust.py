@@ -262,3 +262,21 @@ def test_an_unusable_ssh_config_is_a_usage_error_naming_the_file(tmp_path, kind)
     assert err.value.status == ExitStatus.USAGE
     assert str(err.value).startswith(f"{cfg}{says}"), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_match_stanzas_still_apply_and_host_stanzas_do_not_ask_for_the_local_user(tmp_path, monkeypatch):
+    import getpass
+
+    cfg = tmp_path / "ssh_config"
+    hosts = "".join(f"Host other{i}\n  Port {3000 + i}\n" for i in range(50))
+    cfg.write_text(
+        hosts + "Match host dev localuser ci-runner\n  User from-match\n"
+        "Match originalhost dev\n  Port 2299\nHost *\n  User fallback\n"
+    )
+    calls: list[int] = []
+    monkeypatch.setattr(getpass, "getuser", lambda: calls.append(1) or "ci-runner")
+    parsed = ssh.read_ssh_config(cfg)
+    found = parsed.lookup("dev")
+    assert (found["user"], found["port"]) == ("from-match", "2299")
+    assert len(calls) < 10  # for the Match stanzas of each pass, not for the 51 Host stanzas too
+    assert parsed.lookup("other7")["port"] == "3007" and parsed.lookup("other7")["user"] == "fallback"
