@@ -974,7 +974,7 @@ def bench_rollback(stacks: ReleaseStacks, runs: int) -> dict:
         r[redeploy].update(phases_s=rd_phase, per_run=rd_marks[1:])
         r[redeploy]["extra"] = (
             f"before its build {rd_phase['before_build']:.2f} s, build {rd_phase['build']:.2f} s, start-first roll "
-            f"{rd_phase['start_first_roll']:.2f} s, compose up --wait {rd_phase['compose_up_wait']:.2f} s, "
+            f"{rd_phase['start_first_roll']:.2f} s, compose up of the rest {rd_phase['compose_up_wait']:.2f} s, "
             f"after {rd_phase['after_compose_up']:.2f} s"
         )
     phase = {k: statistics.median(m[k] for m in marks[1:]) for k in marks[0] if k != "to"}
