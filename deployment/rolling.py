@@ -49,10 +49,11 @@ HAVE_FORMAT = (
     'have {{.Label "com.docker.compose.service"}} {{.ID}} {{.Label "com.docker.compose.config-hash"}} {{.State}}'
 )
 
-# $1 services (comma-separated), $2 project, $3 HAVE_FORMAT, then the compose base argv:
-# a "want <service> <config hash>" line per service, then the containers as HAVE_FORMAT.
+# $1 project, $2 HAVE_FORMAT, then the compose base argv: a "want <service> <config hash>"
+# line per service compose would start ("*": a service named on its own that a profile
+# leaves out would fail the whole call), then the containers as HAVE_FORMAT.
 PLAN_SCRIPT = (
-    'svcs=$1; proj=$2; fmt=$3; shift 3; cd / && { "$@" config --hash "$svcs" | sed "s/^/want /"; }; '
+    'proj=$1; fmt=$2; shift 2; cd / && { "$@" config --hash "*" | sed "s/^/want /"; }; '
     'docker ps -a --no-trunc --filter "label=com.docker.compose.project=$proj" '
     '--filter "label=com.docker.compose.oneoff=False" --format "$fmt"'
 )
@@ -66,17 +67,8 @@ RETIRE_SCRIPT = (
 )
 
 
-def plan_argv(compose: Compose, services: list[str]) -> list[str]:
-    return [
-        "sh",
-        "-c",
-        PLAN_SCRIPT,
-        "deploy-roll-plan",
-        ",".join(services),
-        compose.project,
-        HAVE_FORMAT,
-        *compose.base(),
-    ]
+def plan_argv(compose: Compose) -> list[str]:
+    return ["sh", "-c", PLAN_SCRIPT, "deploy-roll-plan", compose.project, HAVE_FORMAT, *compose.base()]
 
 
 def list_argv(project: str) -> list[str]:
@@ -188,7 +180,7 @@ class Rolls:
     release: str = "?"  # the release being rolled out, for the messages
 
     def plan(self) -> dict[str, Plan]:
-        res = self.hs.runner.run(plan_argv(self.compose, list(self.specs)), echo=False, what="planning the roll")
+        res = self.hs.runner.run(plan_argv(self.compose), echo=False, what="planning the roll")
         return parse_plans(res.stdout, list(self.specs))
 
     def containers(self) -> dict[str, list[str]]:

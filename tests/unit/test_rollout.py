@@ -118,8 +118,8 @@ def test_the_commands_are_argv_lists_with_values_after_the_script():
     assert argv[-7:] == ["--scale", "web=2", "--scale", "worker=3", "--", "web", "worker"]
     argv = rolling.retire_argv({"a1": 10.7, "b2": 3})
     assert argv[:2] == ["sh", "-c"] and argv[-4:] == ["10", "a1", "3", "b2"]
-    argv = rolling.plan_argv(c, ["web", "worker"])
-    assert argv[4:7] == ["web,worker", "shop-dev", rolling.HAVE_FORMAT] and argv[7:] == c.base()
+    argv = rolling.plan_argv(c)
+    assert argv[4:6] == ["shop-dev", rolling.HAVE_FORMAT] and argv[6:] == c.base()
     assert rolling.list_argv("shop-dev")[-1] == rolling.HAVE_FORMAT
 
 
