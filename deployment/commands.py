@@ -28,21 +28,14 @@ def check_services(requested: list[str], known: list[str], compose_file: str) ->
     return list(dict.fromkeys(requested))
 
 
-def project_containers(project: str, fmt: str) -> list[str]:
-    """`docker ps` of a compose project's containers (one-off `run` containers excluded),
-    one line each as `fmt` says: cheaper than `docker compose ps`, no compose file needed."""
-    return [
-        "docker",
-        "ps",
-        "-a",
-        "--no-trunc",
-        "--filter",
-        f"label=com.docker.compose.project={project}",
-        "--filter",
-        "label=com.docker.compose.oneoff=False",
-        "--format",
-        fmt,
-    ]
+def project_containers(project: str, fmt: str, one_off: bool = False) -> list[str]:
+    """`docker ps` of a compose project's containers, stopped ones too, one line each as
+    `fmt` says: cheaper than `docker compose ps`, no compose file needed. One-off `run`
+    containers only with `one_off` (as `compose ps --all` lists them)."""
+    argv = ["docker", "ps", "-a", "--no-trunc", "--filter", f"label=com.docker.compose.project={project}"]
+    if not one_off:
+        argv += ["--filter", "label=com.docker.compose.oneoff=False"]
+    return [*argv, "--format", fmt]
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import IO
 
 from . import backup as bk
-from . import limits, placement, rolling
+from . import containers, limits, placement, rolling
 from . import release as rel
 from . import release_host as rh
-from .commands import EXPAND_DIR, Compose, check_services, project_containers
+from .commands import EXPAND_DIR, Compose, check_services
 from .errors import DeployError, ExitStatus, HostKeyError, RemoteError, UsageError
 from .inventory import Environment
 from .runner import HostRunner, Result, last_line
@@ -110,24 +110,6 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
     return ExitStatus.OK
 
 
-# A "<service> <state> <status>" line per container ("Up 3 seconds (healthy)").
-READY_FORMAT = '{{.Label "com.docker.compose.service"}} {{.State}} {{.Status}}'
-
-
-def all_ready(text: str, services: Sequence[str]) -> bool:
-    """Every one of `services` has a container, and each of its containers runs and is
-    healthy or has no healthcheck (what `compose up --wait` waits for)."""
-    seen: dict[str, bool] = {}
-    for line in text.splitlines():
-        parts = line.split(maxsplit=2)
-        if len(parts) < 2 or parts[0] not in services:
-            continue
-        status = parts[2] if len(parts) == 3 else ""
-        ready = parts[1] == "running" and "(health: starting)" not in status and "(unhealthy)" not in status
-        seen[parts[0]] = seen.get(parts[0], True) and ready
-    return all(seen.get(s, False) for s in services)
-
-
 def _up_detached(
     hs: HostSession, compose: Compose, start: list[str], no_deps: bool, mine: list[str], rolled: list[str]
 ) -> Result:
@@ -147,8 +129,8 @@ def _up_detached(
         )
         if res.exited != 0:
             return res
-        look = hs.runner.run(project_containers(compose.project, READY_FORMAT), echo=False, check=False)
-        if look.exited == 0 and all_ready(look.stdout, mine):
+        look = hs.runner.run(containers.ready_argv(compose.project), echo=False, check=False)
+        if look.exited == 0 and containers.all_ready(containers.parse_status(look.stdout), start or mine):
             return res
     return hs.runner.run(compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False, what="compose up")
 
@@ -323,13 +305,13 @@ def status(hosts: list[HostSession], as_json: bool = False, out: IO[str] | None 
     known = rel.services(env.compose_file)
     if hosts[0].dry_run:
         for hs in hosts:
-            hs.runner.run(hs.compose().ps(), cwd=NEUTRAL_CWD)
+            hs.runner.run(containers.status_argv(env.compose_project))
         return ExitStatus.OK
 
     def step(hs: HostSession) -> HostStatus:
         try:
-            res = hs.runner.run(hs.compose().ps(), echo=False, cwd=NEUTRAL_CWD, what="compose ps")
-            return HostStatus(hs.name, _service_rows(parse_ps(res.stdout), known))
+            res = hs.runner.run(containers.status_argv(env.compose_project), echo=False, what="docker ps")
+            return HostStatus(hs.name, _service_rows(containers.parse_status(res.stdout), known))
         except DeployError as exc:
             return HostStatus(hs.name, [], str(exc), int(exc.status), refused=isinstance(exc, HostKeyError))
 

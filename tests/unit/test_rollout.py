@@ -140,17 +140,3 @@ def test_the_retire_script_stops_and_removes_every_container_and_fails_if_one_fa
     failed = subprocess.run(rolling.retire_argv({"bad": 10, "c3": 1}), env=env)
     assert failed.returncode == 1
     assert sorted(log.read_text().splitlines()) == ["rm c3", "stop -t 1 c3", "stop -t 10 bad"]
-
-
-def test_after_a_roll_compose_up_skips_its_wait_only_when_every_service_is_running_and_healthy():
-    from deployment.operations import all_ready
-
-    ok = "web running Up 3 seconds (healthy)\nworker running Up 1 second (healthy)\ndb running Up 2 hours\n"
-    assert all_ready(ok, ["web", "worker", "db"])
-    assert all_ready(ok + "other exited Exited (0) 1 hour ago\n", ["web", "db"])  # not asked about
-    assert not all_ready(ok, ["web", "worker", "db", "proxy"])  # no container at all
-    assert not all_ready(ok + "web running Up 1 second (health: starting)\n", ["web"])
-    assert not all_ready("web running Up 9 seconds (unhealthy)\n", ["web"])
-    assert not all_ready("db restarting Restarting (1) 2 seconds ago\n", ["db"])
-    assert not all_ready("db created Created\n", ["db"])
-    assert not all_ready("", ["web"])
