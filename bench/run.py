@@ -297,6 +297,16 @@ def bench_fanout(w, hosts, runs):
                 raise SystemExit("bench: docker compose ps failed")
             return time.perf_counter() - t0
 
+        def tool_work_only(n=n):
+            # What the tool runs on each host for status (docker ps of the project's
+            # containers, deployment/containers.py), N at once, here without SSH.
+            argv = ["docker", "ps", "-a", "--no-trunc", "--filter", "label=com.docker.compose.project=bench-b1"]
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL) for _ in range(n)]
+            if any(p.wait() for p in procs):
+                raise SystemExit("bench: docker ps failed")
+            return time.perf_counter() - t0
+
         cases = {
             f"deploy.py status ({n} hosts)": tool,
             f"parallel OpenSSH ({n} at once)": parallel_ssh,
@@ -305,6 +315,7 @@ def bench_fanout(w, hosts, runs):
             ),
             f"serial ssh loop ({n})": serial_ssh,
             f"no SSH: {n} x compose ps here": remote_work_only,
+            f"no SSH: {n} x docker ps here (the tool's)": tool_work_only,
         }
         out[n] = compare(cases, runs)
         own, busy, wall = (statistics.median(v) for v in zip(*cpu[n][1:], strict=True))  # [0] is the warm-up
