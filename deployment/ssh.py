@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import io
 import os
 import re
@@ -149,6 +150,9 @@ class _NumberedLines:
             yield line
 
 
+_WILDCARD = re.compile(r"[*?\[]")
+
+
 class _SSHConfig(SSHConfig):
     """paramiko's SSHConfig, without its cost per stanza: for every Host stanza a lookup
     passes over, paramiko also tries it as a Match stanza, and that asks the OS for the
@@ -156,6 +160,22 @@ class _SSHConfig(SSHConfig):
     that there is nothing to match. With a 70-stanza ssh_config that was 140 calls a host,
     a third of the tool's CPU time in a 64-host status. Same answers, asked only when a
     Match stanza needs them."""
+
+    def _pattern_matches(self, patterns, target):
+        # paramiko's, with a plain comparison for a pattern without wildcards (most Host
+        # lines name one host) instead of fnmatch's translation and regex: 70 stanzas,
+        # two passes a lookup, for every host of a fan-out.
+        if hasattr(patterns, "split"):
+            patterns = patterns.split(",")
+        match = False
+        for pattern in patterns:
+            negated = pattern.startswith("!")
+            plain = pattern[1:] if negated else pattern
+            hit = target == plain if not _WILDCARD.search(plain) else fnmatch.fnmatchcase(target, plain)
+            if negated and hit:
+                return False
+            match = match or (hit and not negated)
+        return match
 
     def _does_match(self, match_list, *args, **kwargs):
         if not match_list:
@@ -454,9 +474,20 @@ def connection(host: Host, policy: SSHPolicy, *, warn: Warn | None = None) -> fa
     cfg = _config(policy)
     user = host.user or policy.user
     port = host.port or policy.port
+    timeout = policy.connect_timeout
+    # Given here, the connection's own dict: set on the Config afterwards (what Fabric
+    # does without them), every key would merge the whole Config again, 7 merges a host.
+    kwargs = {
+        "banner_timeout": timeout,
+        "auth_timeout": timeout,
+        "channel_timeout": timeout,
+        "transport_factory": _Transport,
+    }
     try:
         # Fabric applies the ssh_config here (for ProxyJump hops too): int(Port), ...
-        conn = fabric.Connection(host.name, user=user, port=port, config=cfg, connect_timeout=None)
+        conn = fabric.Connection(
+            host.name, user=user, port=port, config=cfg, connect_timeout=None, connect_kwargs=kwargs
+        )
     except CouldNotCanonicalize as exc:
         raise ConnectError(
             f"{host.label}: cannot canonicalize host name {exc} (CanonicalizeHostname in {policy.ssh_config})"

@@ -280,3 +280,30 @@ def test_match_stanzas_still_apply_and_host_stanzas_do_not_ask_for_the_local_use
     assert (found["user"], found["port"]) == ("from-match", "2299")
     assert len(calls) < 10  # for the Match stanzas of each pass, not for the 51 Host stanzas too
     assert parsed.lookup("other7")["port"] == "3007" and parsed.lookup("other7")["user"] == "fallback"
+
+
+def test_host_patterns_match_exactly_as_paramiko_matches_them():
+    from paramiko.config import SSHConfig
+
+    ours, theirs = ssh._SSHConfig(), SSHConfig()
+    patterns = [
+        "dev",
+        "dev,prod",
+        "*",
+        "dev*",
+        "*.example.com",
+        "!dev,*",
+        "!*.internal,*.example.com",
+        "web?",
+        "web[12]",
+        "10.0.0.*",
+        "[::1]",
+        "Dev",
+        "dev ,prod",
+        ["dev", "!dev"],
+        [],
+    ]
+    targets = ["dev", "prod", "dev2", "web1", "web3", "a.example.com", "b.internal", "10.0.0.7", "[::1]", "DEV", ""]
+    for p in patterns:
+        for t in targets:
+            assert ours._pattern_matches(p, t) == theirs._pattern_matches(p, t), (p, t)
