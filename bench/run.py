@@ -298,9 +298,11 @@ def bench_fanout(w, hosts, runs):
             return time.perf_counter() - t0
 
         def tool_work_only(n=n):
-            # What the tool runs on each host for status (docker ps of the project's
-            # containers, deployment/containers.py), N at once, here without SSH.
-            argv = ["docker", "ps", "-a", "--no-trunc", "--filter", "label=com.docker.compose.project=bench-b1"]
+            # What the tool runs on each host for status, N at once, here without SSH.
+            sys.path.insert(0, str(REPO))
+            from deployment import containers
+
+            argv = containers.status_argv("bench-b1")
             t0 = time.perf_counter()
             procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL) for _ in range(n)]
             if any(p.wait() for p in procs):

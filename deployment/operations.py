@@ -122,7 +122,8 @@ def _up_detached(
     or starting whatever they need; the rolled ones are not touched again), then one look,
     and if every service of this host runs and is healthy, that is the answer. If not,
     `compose up --wait` (changing nothing compose has just done) waits as always."""
-    rest = [s for s in (start or mine) if s not in rolled]
+    wanted = start or mine
+    rest = [s for s in wanted if s not in rolled]
     if rolled and rest and not hs.dry_run:
         res = hs.runner.run(
             compose.up(rest, detach=True, wait=False, no_build=True, no_deps=True), check=False, what="compose up"
@@ -130,7 +131,7 @@ def _up_detached(
         if res.exited != 0:
             return res
         look = hs.runner.run(containers.ready_argv(compose.project), echo=False, check=False)
-        if look.exited == 0 and containers.all_ready(containers.parse_status(look.stdout), start or mine):
+        if look.exited == 0 and containers.all_ready(containers.parse_status(look.stdout), wanted):
             return res
     return hs.runner.run(compose.up(start, detach=True, no_build=True, no_deps=no_deps), check=False, what="compose up")
 
