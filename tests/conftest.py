@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -134,13 +135,28 @@ def cleanup_project(project: str, remote: Path) -> None:
     for env in ("dev", "staging", "prod", "two", "slow"):
         name = f"{project}-{env}"
         docker("compose", "-p", name, "down", "--volumes", "--remove-orphans", "--timeout", "2", check=False)
-        # By tag, never by id: projects built from the same content share image ids.
-        images = docker(
-            "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={name}-*", check=False
-        ).split()
-        if images:
-            docker("rmi", *sorted(set(images)), check=False)
+    # The project's images stay until the whole run is over (pytest_sessionfinish): the
+    # classic builder's cache hands another worker's build an image of this project's
+    # chain (same content, same steps), and removing that chain mid-build fails the build
+    # with 'unable to find image sha256:...' (CI, 2026-12-05). Same-content tags share
+    # layers, so keeping them costs next to no disk.
     shutil.rmtree(remote, ignore_errors=True)
+
+
+TEST_IMAGE = re.compile(r"^t[0-9a-f]{8}-[a-z0-9-]+:")
+
+
+def pytest_sessionfinish(session):
+    """Remove the images of every test project once no worker builds any more: on the
+    xdist controller (or a run without workers), never in a worker."""
+    if hasattr(session.config, "workerinput") or shutil.which("docker") is None:
+        return
+    tags = [
+        t for t in docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False).split() if TEST_IMAGE.match(t)
+    ]
+    # By tag, never by id: projects built from the same content share image ids.
+    for i in range(0, len(tags), 200):
+        docker("rmi", *tags[i : i + 200], check=False)
 
 
 def docker(*args: str, check: bool = True) -> str:
