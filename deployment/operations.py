@@ -97,7 +97,7 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
             return
         here = {service: spec for service, spec in rolls.items() if service in mine}
         rolled = rolling.roll(hs, compose, here, deployed.current, release.id)
-        res = _up_detached(hs, compose, start, no_deps, mine, rolled)
+        res = up_detached(hs, compose, start, no_deps, mine, rolled)
         if res.exited != 0:
             explain_failed_start(hs, compose, res, deployed.current)
         if hs.dry_run:
@@ -110,7 +110,7 @@ def up(hosts: list[HostSession], services: Sequence[str] = (), detach: bool = Fa
     return ExitStatus.OK
 
 
-def _up_detached(
+def up_detached(
     hs: HostSession, compose: Compose, start: list[str], no_deps: bool, mine: list[str], rolled: list[str]
 ) -> Result:
     """`compose up --detach --wait`, quicker after a start-first roll.

@@ -203,22 +203,32 @@ def load_compose(path: Path) -> dict:
     service's build, env_file and volumes): a malformed one is a UsageError naming the
     file and the key, never an internal error."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the compose file: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: the compose file is not UTF-8 text (byte {exc.start})") from None
+    data = parse_compose(text, str(path))
+    _references(data, path)  # validates
+    return data
+
+
+def parse_compose(text: str, shown: str) -> dict:
+    """A compose file's text as a mapping with a non-empty `services:` mapping, or a
+    UsageError naming `shown` (no local path is looked at: the text may be a kept
+    release's, read from a host)."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UsageError(
-            f"{path}: the compose file is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
+            f"{shown}: the compose file is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
         ) from None
     except RecursionError:
-        raise UsageError(f"{path}: the compose file nests too deeply") from None
+        raise UsageError(f"{shown}: the compose file nests too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("services"), dict) or not data["services"]:
-        raise UsageError(f"{path}: the compose file defines no services")
-    _references(data, path)  # validates
+        raise UsageError(f"{shown}: the compose file defines no services")
     return data
 
 

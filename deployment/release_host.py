@@ -212,6 +212,38 @@ def list_argv(env_dir: str, project: str) -> list[str]:
     return ["sh", "-c", LIST_SCRIPT, "deploy-releases", env_dir, project]
 
 
+# $2 a release id, then paths in that release: each file's size in bytes on a line of
+# its own, then its bytes (a missing or unreadable file: "-"). Sizes, not a separator
+# line, since a file may hold any line.
+READ_FILES_SCRIPT = EXPAND_DIR + (
+    'cd "$d/releases/$2" || exit 1; shift 2; for f; do '
+    'if [ -f "$f" ] && [ -r "$f" ]; then wc -c < "$f"; cat -- "$f"; else echo -; fi; done'
+)
+
+
+def read_files_argv(env_dir: str, release_id: str, paths: list[str]) -> list[str]:
+    return ["sh", "-c", READ_FILES_SCRIPT, "deploy-read", env_dir, release_id, *paths]
+
+
+def parse_files(data: bytes, count: int) -> list[bytes | None]:
+    """READ_FILES_SCRIPT's output: each file's bytes, None for a file it could not read
+    (or when the output is cut short)."""
+    out: list[bytes | None] = []
+    pos = 0
+    for _ in range(count):
+        end = data.find(b"\n", pos)
+        head = data[pos:end].strip() if end >= 0 else b""
+        if end < 0 or not head.isdigit():
+            out.append(None)
+            pos = end + 1 if end >= 0 else len(data)
+            continue
+        size = int(head)
+        body = data[end + 1 : end + 1 + size]
+        out.append(body if len(body) == size else None)
+        pos = end + 1 + size
+    return out
+
+
 def migrated_argv(env_dir: str, record: dict) -> list[str]:
     return [
         "sh",

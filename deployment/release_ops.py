@@ -1,18 +1,21 @@
 """`releases` and `rollback`: what each host keeps, and going back to an earlier release
-with its own images (nothing uploaded, nothing built), health-gated like `up -d`."""
+with its own images (nothing uploaded, nothing built), health-gated and rolled
+start-first like `up -d`."""
 
 from __future__ import annotations
 
 import json
 from typing import IO
 
-from . import placement
+import yaml
+
+from . import placement, rolling
 from . import release as rel
 from . import release_host as rh
 from .commands import Compose
 from .errors import DeployError, ExitStatus, RemoteError, UsageError
 from .inventory import Environment
-from .operations import explain_failed_start
+from .operations import explain_failed_start, up_detached
 from .session import QUIET, HostSession, fan_out
 from .ui import confirm
 
@@ -91,8 +94,9 @@ def rollback(
         for hs in hosts:
             hs.runner.run(rh.list_argv(env.env_dir, env.compose_project))
             hs.say(
-                f"then: compose up -d --wait --no-build of release {target or '<the one before current>'} "
-                "from releases/<id>, and switch current to it"
+                f"then: roll the start-first services of release {target or '<the one before current>'} "
+                "(by its own compose file) and compose up -d --wait --no-build the rest from releases/<id>, "
+                "and switch current to it"
             )
         return ExitStatus.OK
     # A host starts only its roles' services, as `up` does (never a second database).
@@ -121,11 +125,11 @@ def rollback(
         )
         mine = placement.services_to_start(env, hs.host, compose_spec)
         whole = mine == list(compose_spec["services"])
-        res = hs.runner.run(
-            compose.up([] if whole else mine, detach=True, no_build=True, no_deps=not whole),
-            check=False,
-            what="compose up",
-        )
+        # The release's start-first services are replaced as `up -d` replaces them: no
+        # request is lost going back either.
+        here = {service: spec for service, spec in _rolls_of(hs, release).items() if service in mine}
+        rolled = rolling.roll(hs, compose, here, listing.current, release.id)
+        res = up_detached(hs, compose, [] if whole else mine, not whole, mine, rolled)
         if res.exited != 0:
             explain_failed_start(hs, compose, res, listing.current)
         hs.mark_up(release.id, f"rollback {release.id}", whole_stack=whole)
@@ -134,6 +138,32 @@ def rollback(
 
     fan_out(hosts, step)
     return ExitStatus.OK
+
+
+def _rolls_of(hs: HostSession, release: rh.HostRelease) -> dict[str, rolling.RollSpec]:
+    """The start-first services of the release's own compose file (its update_config
+    then, not the working copy's now), with the services its override file gives a state
+    directory. A file that cannot be read or used costs the roll, not the rollback: the
+    services are recreated by compose (stop-first), and the operator is told why."""
+    paths = [release.layout["compose"], release.layout["override"]]
+    shown = f"{hs.name}: releases/{release.id}/{paths[0]}"
+    res = hs.runner.run(rh.read_files_argv(hs.env.env_dir, release.id, paths), echo=False, check=False)
+    texts = rh.parse_files(res.stdout.encode(), len(paths)) if res.exited == 0 else [None] * len(paths)
+    try:
+        if texts[0] is None or texts[1] is None:
+            raise UsageError(f"{shown}: cannot read it or its override file")
+        compose = rel.parse_compose(texts[0].decode("utf-8", "replace"), shown)
+        override = yaml.safe_load(texts[1].decode("utf-8", "replace"))
+        services = override.get("services") if isinstance(override, dict) else None
+        state = {
+            name
+            for name, svc in (services if isinstance(services, dict) else {}).items()
+            if isinstance(svc, dict) and svc.get("volumes")
+        }
+        return rolling.roll_specs(hs.env, compose, shown, state)
+    except (UsageError, yaml.YAMLError) as exc:
+        hs.say(f"{exc}; the services are recreated by compose instead of rolled start-first")
+        return {}
 
 
 def check_target(env: Environment, target: str | None) -> None:

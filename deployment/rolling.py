@@ -342,12 +342,17 @@ class Rolls:
 def plan_rolls(env: Environment, compose: dict, release: Release) -> dict[str, RollSpec]:
     """The start-first services of the compose file, checked (rollout.start_first_services
     refuses what two containers of one service cannot share)."""
+    return roll_specs(env, compose, str(env.compose_file), {sd.service for sd in release.state})
+
+
+def roll_specs(env: Environment, compose: dict, compose_file: str, state: set[str]) -> dict[str, RollSpec]:
+    """plan_rolls for any compose file (a kept release's, for a rollback): `state` names
+    the services that keep state in a directory of the host."""
     named = placement.named_volume_services(env, compose)
-    state = {sd.service for sd in release.state}
     out = {}
-    for name, cfg in rollout.start_first_services(compose, str(env.compose_file), named, state).items():
+    for name, cfg in rollout.start_first_services(compose, compose_file, named, state).items():
         spec = compose["services"][name]
-        where = f"{env.compose_file}: services.{name}"
+        where = f"{compose_file}: services.{name}"
         grace = rollout.duration(spec.get("stop_grace_period", "10s"), f"{where}.stop_grace_period")
         hc = spec.get("healthcheck") or {}
         interval = rollout.duration(hc.get("interval", "30s"), f"{where}.healthcheck.interval")

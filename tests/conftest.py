@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -111,6 +110,7 @@ def make_inventory(world, tmp_path):
         path = tmp_path / f"hosts-{project}.yaml"
         path.write_text(yaml.safe_dump(base, sort_keys=False))
         made.append(project)
+        _remember_project(project)
         return path
 
     def default_envs(compose_dir: Path = COMPOSE_DIR) -> dict:
@@ -143,18 +143,39 @@ def cleanup_project(project: str, remote: Path) -> None:
     shutil.rmtree(remote, ignore_errors=True)
 
 
-TEST_IMAGE = re.compile(r"^t[0-9a-f]{8}-[a-z0-9-]+:")
+# The projects this run made, one name a line, appended by every worker: the file is
+# named by the controller before the workers start (they inherit its environment), so
+# that a run removes its own images only, never those of another run on the same engine.
+RUN_PROJECTS = "DEPLOY_TEST_RUN_PROJECTS"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        os.environ[RUN_PROJECTS] = f"/tmp/deploy-test-run-{os.getpid()}-{uuid.uuid4().hex[:8]}.projects"
+
+
+def _remember_project(project: str) -> None:
+    if os.environ.get(RUN_PROJECTS):
+        with open(os.environ[RUN_PROJECTS], "a") as f:
+            f.write(project + "\n")
 
 
 def pytest_sessionfinish(session):
-    """Remove the images of every test project once no worker builds any more: on the
-    xdist controller (or a run without workers), never in a worker."""
-    if hasattr(session.config, "workerinput") or shutil.which("docker") is None:
+    """Remove the images of this run's test projects once no worker builds any more: on
+    the xdist controller (or a run without workers), never in a worker."""
+    if hasattr(session.config, "workerinput") or not os.environ.get(RUN_PROJECTS):
         return
-    tags = [
-        t for t in docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False).split() if TEST_IMAGE.match(t)
-    ]
+    listing = Path(os.environ[RUN_PROJECTS])
+    projects = set(listing.read_text().split()) if listing.is_file() else set()
+    listing.unlink(missing_ok=True)
+    if not projects or shutil.which("docker") is None:
+        return
     # By tag, never by id: projects built from the same content share image ids.
+    tags = [
+        tag
+        for tag in docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False).split()
+        if tag.split("-", 1)[0] in projects
+    ]
     for i in range(0, len(tags), 200):
         docker("rmi", *tags[i : i + 200], check=False)
 

@@ -163,3 +163,30 @@ def test_failure_action_pause_leaves_old_and_new_running_and_says_so(make_invent
     assert old in both and len(both) == 2
     status = deploy(hosts, "dev", "status")
     assert "(mid-roll)" in status.out, status.out
+
+
+def test_rollback_rolls_the_previous_release_start_first_without_one_failed_request(
+    make_inventory, world, project_copy
+):
+    hosts, project, port, first = deployed_once(make_inventory, world, project_copy)
+    version(project_copy, "2")
+    r = deploy(hosts, "dev", "up", "-d")
+    assert r.code == 0, r.text
+    (second,) = web_containers(project)
+    with Client(port) as client:
+        time.sleep(0.5)
+        r = deploy(hosts, "dev", "rollback")
+        time.sleep(0.5)
+    assert r.code == 0, r.text
+    # The first release's own compose file says start-first: both services roll.
+    assert "web: rolling start-first" in r.out and "worker: rolling start-first" in r.out, r.out
+    assert client.failed == [], client.failed[:5]
+    assert {"shop-web/1", "shop-web/2"} <= client.servers, client.servers
+    (back,) = web_containers(project)
+    assert back not in (first, second)
+    assert {s: c["state"] for s, c in containers(project).items()} == {
+        "proxy": "running",
+        "web": "running",
+        "worker": "running",
+        "db": "running",
+    }

@@ -62,3 +62,30 @@ def test_scripts_take_values_as_parameters_only():
     argv = rh.prepare_argv("/srv/x; rm -rf /", r)
     assert argv[:2] == ["sh", "-c"] and argv[3:] == ["deploy-prepare", "/srv/x; rm -rf /", "abc", "p", ""]
     assert "rm -rf /" not in argv[2]
+
+
+def test_a_kept_releases_files_are_read_whole_by_size_in_one_command(tmp_path):
+    """READ_FILES_SCRIPT under a real sh: any bytes (a line like a size, no final newline,
+    an empty file), and '-' for a file that is not there."""
+    import subprocess
+
+    from deployment import release_host as rh
+
+    rdir = tmp_path / "env" / "releases" / "abc" / "deploy"
+    rdir.mkdir(parents=True)
+    (rdir / "c.yml").write_bytes(b"services:\n  web: {}\n12\nno newline")
+    (rdir / "empty").write_bytes(b"")
+    paths = ["deploy/c.yml", "deploy/missing", "deploy/empty", "deploy/c.yml"]
+    argv = rh.read_files_argv(str(tmp_path / "env"), "abc", paths)
+    res = subprocess.run(argv, capture_output=True, check=True)
+    assert rh.parse_files(res.stdout, len(paths)) == [
+        b"services:\n  web: {}\n12\nno newline",
+        None,
+        b"",
+        b"services:\n  web: {}\n12\nno newline",
+    ]
+    # Cut short or garbled: what cannot be read whole is None, never a piece of a file.
+    assert rh.parse_files(res.stdout[:30], 2) == [None, None]
+    assert rh.parse_files(b"x\n", 1) == [None]
+    gone = subprocess.run(rh.read_files_argv(str(tmp_path / "env"), "nope", paths), capture_output=True)
+    assert gone.returncode != 0 and gone.stdout == b""
