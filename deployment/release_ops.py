@@ -161,8 +161,9 @@ def _rolls_of(hs: HostSession, release: rh.HostRelease) -> dict[str, rolling.Rol
             if isinstance(svc, dict) and svc.get("volumes")
         }
         return rolling.roll_specs(hs.env, compose, shown, state)
-    except (UsageError, yaml.YAMLError) as exc:
-        hs.say(f"{exc}; the services are recreated by compose instead of rolled start-first")
+    except (UsageError, yaml.YAMLError, RecursionError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hs.say(f"{why}; the services are recreated by compose instead of rolled start-first")
         return {}
 
 
