@@ -190,3 +190,28 @@ def test_rollback_rolls_the_previous_release_start_first_without_one_failed_requ
         "worker": "running",
         "db": "running",
     }
+
+
+def test_a_kept_release_whose_compose_file_would_refuse_a_roll_is_still_rolled_back(
+    make_inventory, world, project_copy
+):
+    """The first release's compose file on the host, edited so that start-first would be
+    refused (worker's healthcheck gone): the rollback still happens, by compose's
+    recreate, and says why."""
+    hosts, project, port, first = deployed_once(make_inventory, world, project_copy)
+    env_dir = Path(yaml.safe_load(hosts.read_text())["defaults"]["remote_dir"]) / "dev"
+    first_release = (env_dir / "current").readlink().name
+    version(project_copy, "2")
+    r = deploy(hosts, "dev", "up", "-d")
+    assert r.code == 0, r.text
+    kept = env_dir / "releases" / first_release / "deployment" / "compose" / "docker-compose.dev.yml"
+    data = yaml.safe_load(kept.read_text())
+    del data["services"]["worker"]["healthcheck"]
+    kept.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = deploy(hosts, "dev", "rollback")
+    assert r.code == 0, r.text
+    assert "needs a healthcheck" in r.out and "recreated by compose instead of rolled" in r.out, r.out
+    assert "rolling start-first" not in r.out, r.out
+    assert (env_dir / "current").readlink().name == first_release
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+        assert resp.headers.get("Server", "").startswith("shop-web/1")
