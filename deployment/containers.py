@@ -17,7 +17,7 @@ from .commands import project_containers
 
 # One JSON object a container (json quotes whatever a name or status holds).
 STATUS_FORMAT = (
-    '{"Service":{{json (.Label "com.docker.compose.service")}},"Name":{{json .Names}},'
+    '{"ID":{{json .ID}},"Service":{{json (.Label "com.docker.compose.service")}},"Name":{{json .Names}},'
     '"State":{{json .State}},"Status":{{json .Status}},"Image":{{json .Image}},"Ports":{{json .Ports}}}'
 )
 

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 
 from .commands import EXPAND_DIR
+from .containers import STATUS_FORMAT
 from .release import KEEP_RELEASES, STALE_MINUTES, Release
 
 # Release retention, as a shell function: the `keep` newest releases (by when they were
@@ -63,6 +65,13 @@ _SEED = (
     '    echo "seeded $s"; fi; done; }; '
 )
 
+# The compose project's ($project) service containers, as commands.project_containers
+# lists them for the tool's own commands: docker ps by compose's labels, a quarter of the
+# host's work of `docker compose ps` (no compose file is read). Flags follow.
+_SERVICE_CONTAINERS = (
+    'docker ps --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.oneoff=False'
+)
+
 # $2 release id, $3 compose project, $4 "ps" to also report what runs, then state pairs.
 PREPARE_SCRIPT = EXPAND_DIR + (
     'umask 077; set -e; mkdir -p "$d/releases" "$d/.incoming"; cd "$d"; id=$2; project=$3; ps=$4; shift 4; '
@@ -81,7 +90,11 @@ PREPARE_SCRIPT = EXPAND_DIR + (
     # When this release was brought up before, also say which containers that made and
     # what runs now, so `up -d` can see that nothing changed without another round trip.
     'if [ -n "$ps" ] && [ -f "releases/$id/.up" ]; then '
-    '  echo "up-ids $(cat "releases/$id/.up")"; cd / && docker compose -p "$project" ps --all --format json; fi'
+    '  echo "up-ids $(cat "releases/$id/.up")"; '
+    + _SERVICE_CONTAINERS
+    + " -a --no-trunc --format "
+    + shlex.quote(STATUS_FORMAT)
+    + "; fi"
 )
 
 # Concurrent runs may ship the same release at once: each stages under its own name and
@@ -103,20 +116,22 @@ INSTALL_SCRIPT = EXPAND_DIR + (
 # After an `up` of release $2 succeeded: record who deployed it ($5, one JSON line), the
 # image every service runs, the containers of a whole-stack up ($6), then switch
 # `current` atomically, log the deploy and apply retention.
-MARK_UP_SCRIPT = EXPAND_DIR + (
-    'umask 077; set -e; cd "$d"; id=$2; project=$3; keep=$4; '
-    'if [ -n "$6" ]; then '
-    '  ids=$(cd / && docker compose -p "$project" ps --all -q | sort | tr "\\n" " "); '
-    '  printf "%s\\n" "$ids" > "releases/$id/.up"; else rm -f "releases/$id/.up"; fi; '
-    'printf "%s\\n" "$5" > "releases/$id/.deployed"; '
-    '(cd / && docker compose -p "$project" ps -q) | xargs -r docker inspect -f '
-    '\'{{index .Config.Labels "com.docker.compose.service"}} {{.Image}}\' > "releases/$id/.ran" || :; '
-    'ln -sfn "releases/$id" ".current.$$" && mv -T ".current.$$" current; '
-    'printf "%s %s\\n" "$(date +%s)" "$id" >> deploys.log; touch "releases/$id"; '
-    # What each service runs now, for the history.
-    + 'sed "s/^/ran /" "releases/$id/.ran" || :; '
-    + _PRUNE
-    + "prune"
+MARK_UP_SCRIPT = (
+    EXPAND_DIR
+    + (
+        'umask 077; set -e; cd "$d"; id=$2; project=$3; keep=$4; '
+        'if [ -n "$6" ]; then '
+        "  ids=$(" + _SERVICE_CONTAINERS + ' -aq --no-trunc | sort | tr "\\n" " "); '
+        '  printf "%s\\n" "$ids" > "releases/$id/.up"; else rm -f "releases/$id/.up"; fi; '
+        'printf "%s\\n" "$5" > "releases/$id/.deployed"; '
+        + _SERVICE_CONTAINERS
+        + " -q --no-trunc | xargs -r docker inspect -f "
+        '\'{{index .Config.Labels "com.docker.compose.service"}} {{.Image}}\' > "releases/$id/.ran" || :; '
+        'ln -sfn "releases/$id" ".current.$$" && mv -T ".current.$$" current; '
+        'printf "%s %s\\n" "$(date +%s)" "$id" >> deploys.log; touch "releases/$id"; '
+        # What each service runs now, for the history.
+         + 'sed "s/^/ran /" "releases/$id/.ran" || :; ' + _PRUNE + "prune"
+    )
 )
 
 # Everything `releases` and `rollback` need, in one round trip.

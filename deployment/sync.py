@@ -4,7 +4,6 @@ of it succeeded, that it is what runs (`current`)."""
 from __future__ import annotations
 
 import getpass
-import json
 import secrets
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from . import containers
 from . import release as rel
 from . import release_host as rh
 from .inventory import Environment
@@ -40,7 +40,9 @@ class Deployed:
         if self.current != self.release_id or not self.built or not self.up_ids or len(self.ps) != len(self.up_ids):
             return False
         for c in self.ps:
-            if not any(full.startswith(c.get("ID") or "-") for full in self.up_ids):
+            # (An .up written by an earlier version holds compose's ids; either may be short.)
+            cid = c.get("ID") or "-"
+            if not any(full.startswith(cid) or cid.startswith(full) for full in self.up_ids):
                 return False
             if c.get("State") != "running" or c.get("Health") not in ("", "healthy"):
                 return False
@@ -69,7 +71,7 @@ def sync(runner: HostRunner, env: Environment, release: rel.Release, with_ps: bo
         elif kind == "up-ids":
             up_ids = tuple(rest.split())
         elif line.startswith("{"):
-            ps.append(json.loads(line))
+            ps.append(line)
     uploaded = False
     if state == "missing":
         upload = rh.upload_path(abs_dir, release.id, secrets.token_hex(4))
@@ -91,7 +93,7 @@ def sync(runner: HostRunner, env: Environment, release: rel.Release, with_ps: bo
         built=set(release.tags) <= images,
         current=current,
         up_ids=up_ids,
-        ps=tuple(ps),
+        ps=tuple(containers.parse_status("\n".join(ps))),
     )
 
 
