@@ -28,6 +28,13 @@ def check_services(requested: list[str], known: list[str], compose_file: str) ->
     return list(dict.fromkeys(requested))
 
 
+# project_containers (one_off=False) inside a remote script whose $project names the
+# compose project; the script adds its flags (-a, -q, --format ...) after it.
+SERVICE_CONTAINERS_SH = (
+    'docker ps --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.oneoff=False'
+)
+
+
 def project_containers(project: str, fmt: str, one_off: bool = False) -> list[str]:
     """`docker ps` of a compose project's containers, stopped ones too, one line each as
     `fmt` says: cheaper than `docker compose ps`, no compose file needed. One-off `run`

@@ -28,7 +28,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from .commands import EXPAND_DIR
+from .commands import EXPAND_DIR, SERVICE_CONTAINERS_SH
 from .containers import STATUS_FORMAT
 from .release import KEEP_RELEASES, STALE_MINUTES, Release
 
@@ -65,13 +65,6 @@ _SEED = (
     '    echo "seeded $s"; fi; done; }; '
 )
 
-# The compose project's ($project) service containers, as commands.project_containers
-# lists them for the tool's own commands: docker ps by compose's labels, a quarter of the
-# host's work of `docker compose ps` (no compose file is read). Flags follow.
-_SERVICE_CONTAINERS = (
-    'docker ps --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.oneoff=False'
-)
-
 # $2 release id, $3 compose project, $4 "ps" to also report what runs, then state pairs.
 PREPARE_SCRIPT = EXPAND_DIR + (
     'umask 077; set -e; mkdir -p "$d/releases" "$d/.incoming"; cd "$d"; id=$2; project=$3; ps=$4; shift 4; '
@@ -91,7 +84,7 @@ PREPARE_SCRIPT = EXPAND_DIR + (
     # what runs now, so `up -d` can see that nothing changed without another round trip.
     'if [ -n "$ps" ] && [ -f "releases/$id/.up" ]; then '
     '  echo "up-ids $(cat "releases/$id/.up")"; '
-    + _SERVICE_CONTAINERS
+    + SERVICE_CONTAINERS_SH
     + " -a --no-trunc --format "
     + shlex.quote(STATUS_FORMAT)
     + "; fi"
@@ -121,10 +114,10 @@ MARK_UP_SCRIPT = (
     + (
         'umask 077; set -e; cd "$d"; id=$2; project=$3; keep=$4; '
         'if [ -n "$6" ]; then '
-        "  ids=$(" + _SERVICE_CONTAINERS + ' -aq --no-trunc | sort | tr "\\n" " "); '
+        "  ids=$(" + SERVICE_CONTAINERS_SH + ' -aq --no-trunc | sort | tr "\\n" " "); '
         '  printf "%s\\n" "$ids" > "releases/$id/.up"; else rm -f "releases/$id/.up"; fi; '
         'printf "%s\\n" "$5" > "releases/$id/.deployed"; '
-        + _SERVICE_CONTAINERS
+        + SERVICE_CONTAINERS_SH
         + " -q --no-trunc | xargs -r docker inspect -f "
         '\'{{index .Config.Labels "com.docker.compose.service"}} {{.Image}}\' > "releases/$id/.ran" || :; '
         'ln -sfn "releases/$id" ".current.$$" && mv -T ".current.$$" current; '

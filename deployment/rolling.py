@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import placement, rollout
-from .commands import Compose, project_containers
+from .commands import SERVICE_CONTAINERS_SH, Compose, project_containers
 from .errors import RemoteError, StepInterrupted, deferred_interrupts, shielded_from_interrupts
 from .inventory import Environment
 from .release import Release
@@ -53,9 +53,9 @@ HAVE_FORMAT = (
 # line per service compose would start ("*": a service named on its own that a profile
 # leaves out would fail the whole call), then the containers as HAVE_FORMAT.
 PLAN_SCRIPT = (
-    'proj=$1; fmt=$2; shift 2; cd / && { "$@" config --hash "*" | sed "s/^/want /"; }; '
-    'docker ps -a --no-trunc --filter "label=com.docker.compose.project=$proj" '
-    '--filter "label=com.docker.compose.oneoff=False" --format "$fmt"'
+    'project=$1; fmt=$2; shift 2; cd / && { "$@" config --hash "*" | sed "s/^/want /"; }; '
+    + SERVICE_CONTAINERS_SH
+    + ' -a --no-trunc --format "$fmt"'
 )
 
 # Pairs of (grace seconds, container id): each container stopped (SIGTERM, then SIGKILL
