@@ -127,7 +127,8 @@ MARK_UP_SCRIPT = (
     )
 )
 
-# Everything `releases` and `rollback` need, in one round trip.
+# Everything `releases` and `rollback` need, in one round trip (a rollback reads its
+# target's compose files with READ_FILES_SCRIPT after).
 LIST_SCRIPT = EXPAND_DIR + (
     'cd "$d" 2>/dev/null || exit 0; cur=$(readlink current 2>/dev/null || :); echo "current ${cur#releases/}"; '
     'for r in releases/*; do [ -f "$r/.release-complete" ] || continue; id=${r#releases/}; '

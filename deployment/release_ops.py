@@ -147,7 +147,14 @@ def _rolls_of(hs: HostSession, release: rh.HostRelease) -> dict[str, rolling.Rol
     services are recreated by compose (stop-first), and the operator is told why."""
     paths = [release.layout["compose"], release.layout["override"]]
     shown = f"{hs.name}: releases/{release.id}/{paths[0]}"
-    res = hs.runner.run(rh.read_files_argv(hs.env.env_dir, release.id, paths), echo=False, check=False)
+    res = hs.runner.run(
+        rh.read_files_argv(hs.env.env_dir, release.id, paths),
+        echo=False,
+        check=False,
+        what=f"reading release {release.id}'s compose files",
+    )
+    # (The runner hands text decoded as UTF-8; a release's compose files are UTF-8, which
+    # load_compose checked before it was built, so encoding it again gives the bytes.)
     texts = rh.parse_files(res.stdout.encode(), len(paths)) if res.exited == 0 else [None] * len(paths)
     try:
         if texts[0] is None or texts[1] is None:
@@ -161,7 +168,9 @@ def _rolls_of(hs: HostSession, release: rh.HostRelease) -> dict[str, rolling.Rol
             if isinstance(svc, dict) and svc.get("volumes")
         }
         return rolling.roll_specs(hs.env, compose, shown, state)
-    except (UsageError, yaml.YAMLError, RecursionError) as exc:
+    # (TypeError, ValueError: a kept file edited by hand into shapes compose's own
+    # checks would refuse; the recreate below then says what compose thinks of it.)
+    except (UsageError, yaml.YAMLError, RecursionError, TypeError, ValueError, AttributeError) as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         hs.say(f"{why}; the services are recreated by compose instead of rolled start-first")
         return {}
