@@ -250,11 +250,24 @@ def bench_latency(w, hosts, bindir, runs):
     return r
 
 
+def at_once_here(argv: list[str], n: int) -> float:
+    """Seconds for n copies of argv started at once on this machine (no SSH)."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL) for _ in range(n)]
+    if any(p.wait() for p in procs):
+        raise SystemExit(f"bench: {shlex.join(argv)} failed")
+    return time.perf_counter() - t0
+
+
 def bench_fanout(w, hosts, runs):
     extra = sorted((h for h in w["hosts"] if h.startswith("extra-host-")), key=lambda h: int(h.rsplit("-", 1)[1]))
     out = {}
     cpu = {}
     ps = "docker compose -p bench-b1 ps"
+    sys.path.insert(0, str(REPO))
+    from deployment import containers
+
+    tool_ps = containers.status_argv("bench-b1")
     for n in FANOUT:
         names = extra[:n]
         ansible, aenv = ansible_env(w, names)
@@ -284,31 +297,6 @@ def bench_fanout(w, hosts, runs):
                 raise SystemExit("bench: a parallel ssh failed")
             return time.perf_counter() - t0
 
-        def remote_work_only(n=n):
-            # What the hosts do, without any SSH: N compose processes at once, run here.
-            t0 = time.perf_counter()
-            procs = [
-                subprocess.Popen(
-                    ["docker", "compose", "-p", "bench-b1", "ps"], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-                )
-                for _ in range(n)
-            ]
-            if any(p.wait() for p in procs):
-                raise SystemExit("bench: docker compose ps failed")
-            return time.perf_counter() - t0
-
-        def tool_work_only(n=n):
-            # What the tool runs on each host for status, N at once, here without SSH.
-            sys.path.insert(0, str(REPO))
-            from deployment import containers
-
-            argv = containers.status_argv("bench-b1")
-            t0 = time.perf_counter()
-            procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL) for _ in range(n)]
-            if any(p.wait() for p in procs):
-                raise SystemExit("bench: docker ps failed")
-            return time.perf_counter() - t0
-
         cases = {
             f"deploy.py status ({n} hosts)": tool,
             f"parallel OpenSSH ({n} at once)": parallel_ssh,
@@ -316,8 +304,12 @@ def bench_fanout(w, hosts, runs):
                 [*a, "all", "-f", str(n), "-m", "command", "-a", ps], env=e
             ),
             f"serial ssh loop ({n})": serial_ssh,
-            f"no SSH: {n} x compose ps here": remote_work_only,
-            f"no SSH: {n} x docker ps here (the tool's)": tool_work_only,
+            # What the hosts do, without any SSH: N compose ps, and N of what the tool
+            # runs on a host for status, at once, run here.
+            f"no SSH: {n} x compose ps here": lambda n=n: at_once_here(
+                ["docker", "compose", "-p", "bench-b1", "ps"], n
+            ),
+            f"no SSH: {n} x docker ps here (the tool's)": lambda n=n: at_once_here(tool_ps, n),
         }
         out[n] = compare(cases, runs)
         own, busy, wall = (statistics.median(v) for v in zip(*cpu[n][1:], strict=True))  # [0] is the warm-up
